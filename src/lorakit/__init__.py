@@ -1,0 +1,54 @@
+"""lorakit: LoRA adapters for PyTorch and Hugging Face models.
+
+Train small low-rank adapters on a frozen model, save them in PEFT's file format, merge
+them for zero-latency inference, or keep several on one base. `import lorakit as lora`
+also runs code written for Microsoft's loralib.
+"""
+
+from lorakit.adapters import delete_adapter, disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge
+from lorakit.compat import (
+    Conv1d,
+    Conv2d,
+    Embedding,
+    Linear,
+    MergedLinear,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+)
+from lorakit.config import ConfigError, LoraConfig
+from lorakit.inject import TargetError, inject, lora_layers, parameter_report
+from lorakit.io import AdapterError, load_adapter, read_adapter, save_adapter
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "inject",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "unload",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "lora_layers",
+    "parameter_report",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "ConfigError",
+    "TargetError",
+    "AdapterError",
+]

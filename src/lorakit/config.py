@@ -1,0 +1,231 @@
+"""LoraConfig: what to adapt and how, with validation that reports every problem at once."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+BiasMode = Literal["none", "all", "lora_only"]
+InitMode = Literal["kaiming", "gaussian"]
+
+# adapter_config.json keys lorakit reads; everything else PEFT writes is ignored on load.
+_PEFT_TO_LORAKIT = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target_modules",
+    "exclude_modules": "exclude_modules",
+    "modules_to_save": "modules_to_save",
+    "bias": "bias",
+    "use_rslora": "use_rslora",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "fan_in_fan_out": "fan_in_fan_out",
+}
+
+
+class ConfigError(ValueError):
+    """A LoraConfig (or an adapter_config.json) is invalid; the message lists every problem."""
+
+
+@dataclass
+class LoraConfig:
+    """How LoRA adapters are added to a model.
+
+    Attributes:
+        r: rank of the update B @ A (a positive integer).
+        alpha: scaling numerator; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
+        dropout: dropout applied to the LoRA branch's input during training (0 costs nothing).
+        target_modules: module-name suffixes (list), a regex matched against the full module
+            name (str), or "all-linear" (every linear layer except the output head / classifier).
+        exclude_modules: suffixes (list) or a regex (str) of modules never adapted.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier).
+        bias: which biases train and are saved: "none", "all" or "lora_only" (adapted layers).
+        use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.
+        rank_pattern: per-module rank overrides, {name suffix or regex: r}.
+        alpha_pattern: per-module alpha overrides, {name suffix or regex: alpha}.
+        init: initialisation of A (B starts at zero): "kaiming" (uniform) or "gaussian".
+        fan_in_fan_out: the target stores its weight as (in, out); detected for HF Conv1D.
+        enable_lora: fused projections where only some slices are adapted, as loralib's
+            MergedLinear: {name suffix: [True, False, True]} adapts q and v of GPT-2's c_attn.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    bias: BiasMode = "none"
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init: InitMode = "kaiming"
+    fan_in_fan_out: bool = False
+    enable_lora: dict[str, list[bool]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple | set):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid field, or return quietly."""
+        problems: list[str] = []
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.r) or self.r <= 0:
+            problems.append(f"r={self.r!r}: must be a positive integer (e.g. 8)")
+        if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            problems.append(f"alpha={self.alpha!r}: must be a positive number (e.g. 16)")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"bias={self.bias!r}: must be one of 'none', 'all', 'lora_only'")
+        if self.init not in ("kaiming", "gaussian"):
+            problems.append(f"init={self.init!r}: must be 'kaiming' or 'gaussian'")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                if name == "target_modules":
+                    problems.append("target_modules=None: give suffixes, a regex or 'all-linear'")
+                continue
+            if isinstance(value, str):
+                problems += _regex_problem(name, value)
+            elif not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                problems.append(f"{name}={value!r}: must be a list of module-name suffixes or a regex string")
+            elif name == "target_modules" and not value:
+                problems.append("target_modules=[]: name at least one module")
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list) or not all(isinstance(v, str) for v in self.modules_to_save)
+        ):
+            problems.append(f"modules_to_save={self.modules_to_save!r}: must be a list of module names")
+        for key, rank in _dict_items(self.rank_pattern, "rank_pattern", problems):
+            problems += _regex_problem(f"rank_pattern key {key!r}", key)
+            if not is_int(rank) or rank <= 0:
+                problems.append(f"rank_pattern[{key!r}]={rank!r}: must be a positive integer")
+        for key, alpha in _dict_items(self.alpha_pattern, "alpha_pattern", problems):
+            problems += _regex_problem(f"alpha_pattern key {key!r}", key)
+            if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+                problems.append(f"alpha_pattern[{key!r}]={alpha!r}: must be a positive number")
+        for key, mask in _dict_items(self.enable_lora, "enable_lora", problems):
+            if not isinstance(mask, list) or not mask or not all(isinstance(b, bool) for b in mask):
+                problems.append(f"enable_lora[{key!r}]={mask!r}: must be a non-empty list of booleans")
+            elif not any(mask):
+                problems.append(f"enable_lora[{key!r}]={mask!r}: enable at least one slice")
+        if problems:
+            raise ConfigError("invalid LoraConfig: " + "; ".join(problems))
+
+    # --- per-module resolution -------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        """The rank for one module: a rank_pattern match, else r."""
+        key = match_pattern(self.rank_pattern, module_name)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha for one module: an alpha_pattern match, else alpha."""
+        key = match_pattern(self.alpha_pattern, module_name)
+        return self.alpha if key is None else float(self.alpha_pattern[key])
+
+    def scaling_for(self, module_name: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA, for one module."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def enable_lora_for(self, module_name: str) -> list[bool] | None:
+        """The slice mask of a fused projection, or None for an ordinary layer."""
+        for key, mask in self.enable_lora.items():
+            if module_name == key or module_name.endswith("." + key):
+                return list(mask)
+        return None
+
+    # --- PEFT's adapter_config.json --------------------------------------------------------
+    def to_peft_dict(self, base_model_name_or_path: str | None, task_type: str | None) -> dict[str, Any]:
+        """The adapter_config.json that PEFT, vLLM and LoRAX read."""
+        target = self.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": target if isinstance(target, str) else sorted(target or []),
+            "exclude_modules": self.exclude_modules,
+            "modules_to_save": self.modules_to_save,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": False,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: Any, source: str = "adapter_config.json") -> LoraConfig:
+        """Read PEFT's adapter_config.json contents; unsupported settings are refused clearly."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        problems = []
+        if data.get("peft_type", "LORA") != "LORA":
+            problems.append(f"peft_type={data.get('peft_type')!r}: lorakit reads LoRA adapters only ('LORA')")
+        if data.get("use_dora"):
+            problems.append("use_dora=true: DoRA adapters are not supported by this version of lorakit")
+        init = data.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            problems.append(f"init_lora_weights={init!r}: only plain LoRA initialisations are supported")
+        if "r" not in data:
+            problems.append("'r' is missing: the adapter's rank is required")
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+        kwargs = {ours: data[theirs] for theirs, ours in _PEFT_TO_LORAKIT.items() if data.get(theirs) is not None}
+        kwargs.setdefault("target_modules", "all-linear")
+        if isinstance(kwargs["target_modules"], list):
+            kwargs["target_modules"] = sorted(set(kwargs["target_modules"]))
+        if kwargs.get("modules_to_save"):
+            kwargs["modules_to_save"] = list(dict.fromkeys(kwargs["modules_to_save"]))
+        if init == "gaussian":
+            kwargs["init"] = "gaussian"
+        try:
+            return cls(**kwargs)
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The first key of `patterns` that matches `module_name` as PEFT matches rank_pattern:
+    the key, read as a regex, must match the whole name or a dotted suffix of it."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _regex_problem(what: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return [f"{what}={pattern!r} is not a valid regular expression ({err})"]
+    return []
+
+
+def _dict_items(value: Any, name: str, problems: list[str]) -> list[tuple[str, Any]]:
+    if not isinstance(value, dict):
+        problems.append(f"{name}={value!r}: must be a dict")
+        return []
+    return list(value.items())

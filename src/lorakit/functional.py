@@ -1,0 +1,78 @@
+"""Pure tensor maths of LoRA, shared by the layers, the file code and (later) the server.
+
+Conventions: A is (r, d_in), B is (d_out, r); the update to a weight W (d_out, d_in) is
+dW = scale * B @ A. Nothing here holds state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * B @ A, the dense (d_out, d_in) update."""
+    return (B @ A) * scale
+
+
+def add_lora_linear(
+    result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """result + scale * (x @ A.T) @ B.T, with the scale and the add fused into one addmm.
+
+    Fusing saves two passes over the (tokens, d_out) activations against the textbook
+    `result + lora_B(lora_A(x)) * scale`, which is most of LoRA's cost on a CPU.
+    """
+    return add_lora_output(result, F.linear(x.to(A.dtype), A), B, scale)
+
+
+def add_lora_output(result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """result + scale * h @ B.T for the rank-r activations h, as one fused addmm."""
+    out_features = result.shape[-1]
+    if h.dtype != result.dtype:  # adapter kept in fp32 over a half-precision base
+        return result + (F.linear(h, B) * scale).to(result.dtype)
+    fused = torch.addmm(result.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
+    return fused.view(result.shape)
+
+
+def worth_merging_on_the_fly(tokens: int, d_in: int, d_out: int) -> bool:
+    """True when forming W + dW costs fewer flops than the factored path for this many tokens.
+
+    The factored path costs about tokens * r * (d_in + d_out) multiply-adds plus a pass over
+    the activations; forming dW costs d_in * d_out * r (r cancels). Used only when no
+    gradient is needed.
+    """
+    return tokens * (d_in + d_out) > d_in * d_out
+
+
+def expand_fused_B(B: torch.Tensor, enable_lora: list[bool], out_features: int) -> torch.Tensor:
+    """loralib's MergedLinear B (out_per_slice * n_enabled, r) as a dense (out_features,
+    n_enabled * r) block matrix: enabled slice j uses its own r columns, disabled slices are
+    zero rows. A fused layer is then an ordinary LoRA of rank n_enabled * r."""
+    n_enabled = sum(enable_lora)
+    out_per_slice = out_features // len(enable_lora)
+    blocks = torch.block_diag(*B.split(out_per_slice, dim=0))  # (n_enabled*out_per, n_enabled*r)
+    if n_enabled == len(enable_lora):
+        return blocks
+    rows = torch.tensor(enable_lora, device=B.device).repeat_interleave(out_per_slice)
+    full = B.new_zeros(out_features, blocks.shape[1])
+    full[rows] = blocks
+    return full
+
+
+def conv_delta_peft(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """PEFT's conv LoRA: A is a conv kernel (r, c_in, *k), B a 1x1 conv (c_out, r, 1...);
+    the dense kernel update is sum_r B[o, r] * A[r, i, ...]."""
+    return torch.einsum("or,ri...->oi...", B.flatten(1), A) * scale
+
+
+def conv_delta_loralib(A: torch.Tensor, B: torch.Tensor, scale: float, weight_shape: torch.Size) -> torch.Tensor:
+    """loralib's conv LoRA: (B @ A) reshaped to the kernel's shape."""
+    return (B @ A).view(weight_shape) * scale

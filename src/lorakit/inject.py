@@ -1,0 +1,165 @@
+"""Injection: find the target modules, wrap them in LoRA layers, mark what trains."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch.nn as nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import SUPPORTED, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, is_linear, layer_class_for
+
+# Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
+HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
+CONFIGS_ATTR = "_lorakit_configs"
+
+
+class TargetError(ValueError):
+    """target_modules / modules_to_save do not fit the model; the message lists candidates."""
+
+
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules(), but LoRA layers count as one module (their insides are skipped)."""
+    lora_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in lora_prefixes):
+            continue
+        if isinstance(module, LoraLayer):
+            lora_prefixes.append(name)
+        yield name, module
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every LoRA layer of the model with its name."""
+    return [(n, m) for n, m in walk(model) if isinstance(m, LoraLayer)]
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters injected into `model`, by adapter name."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def _suffix_match(name: str, keys: list[str]) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keys)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in walk(model):
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if name.split(".")[-1] in HEAD_NAMES or (out is not None and base is out):
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The modules `config` adapts, in model order, without changing the model."""
+    target, exclude = config.target_modules, config.exclude_modules
+    keep = config.modules_to_save or []
+    heads = _head_names(model) if target == "all-linear" else set()
+    found, unsupported = [], []
+    for name, module in walk(model):
+        if not name or _suffix_match(name, keep) or any(name.startswith(k + ".") for k in keep):
+            continue
+        if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else _suffix_match(name, exclude)):
+            continue
+        if target == "all-linear":
+            hit = is_linear(module) and name not in heads
+        elif isinstance(target, str):
+            hit = re.fullmatch(target, name) is not None and layer_class_for(module) is not None
+        else:
+            hit = _suffix_match(name, target)
+        if not hit:
+            continue
+        if layer_class_for(module) is None:
+            unsupported.append(f"{name} ({type(module).__name__})")
+        else:
+            found.append((name, module))
+    if unsupported:
+        raise TargetError(
+            f"target_modules={target!r} matches modules LoRA cannot adapt: {', '.join(unsupported[:5])}; "
+            f"supported types are {SUPPORTED}: name their linear sub-layers instead"
+        )
+    if not found:
+        raise TargetError(
+            f"target_modules={target!r} matches no module of {type(model).__name__}; "
+            f"candidates: {', '.join(candidate_names(model))}"
+        )
+    return found
+
+
+def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
+    """Distinct last-name parts of the adaptable modules (what target_modules usually lists)."""
+    names = dict.fromkeys(n.split(".")[-1] for n, m in walk(model) if n and layer_class_for(m) is not None)
+    listed = list(names)
+    return listed[:limit] + ([f"... {len(listed) - limit} more"] if len(listed) > limit else [])
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """Modules trained in full and saved with the adapter. PEFT's task types add names that
+    may not exist (e.g. "score" on BERT), so only a list that matches nothing is an error."""
+    keys = config.modules_to_save or []
+    found = [(n, m) for n, m in walk(model) if n and _suffix_match(n, keys)]
+    if keys and not found:
+        raise TargetError(
+            f"modules_to_save={keys!r} matches no module; top-level modules: "
+            f"{', '.join(n for n, _ in model.named_children())}"
+        )
+    return found
+
+
+def _wrap(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+    cls = layer_class_for(module)
+    if cls is LoraLinear:
+        return LoraLinear(module, enable_lora=config.enable_lora_for(name))
+    if cls is LoraEmbedding:
+        return LoraEmbedding(module)
+    return LoraConv(module)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` to the modules `config` targets (wrapping them in LoRA
+    layers where needed), make it the active, trainable adapter, and return the model."""
+    targets = find_targets(model, config)
+    keep = find_modules_to_save(model, config)
+    for name, module in targets:
+        layer = module if isinstance(module, LoraLayer) else _wrap(module, name, config)
+        layer.add_adapter(
+            adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init
+        )
+        if layer is not module:
+            model.set_submodule(name, layer)
+    adapter_configs(model)[adapter_name] = config
+    for _, layer in lora_layers(model):  # the new adapter becomes the only active one
+        layer.set_adapter([adapter_name] if adapter_name in layer.lora_A else [])
+    mark_trainable(model, adapter_name, config.bias, [m for _, m in keep])
+    return model
+
+
+def mark_trainable(
+    model: nn.Module, adapter_name: str, bias: str = "none", full_modules: list[nn.Module] | None = None
+) -> None:
+    """Only adapter `adapter_name`, the chosen biases and `full_modules` train."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.lora_A[adapter_name].requires_grad_(True)
+            layer.lora_B[adapter_name].requires_grad_(True)
+            if bias == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
+    for module in full_modules or []:
+        module.requires_grad_(True)
+
+
+def parameter_report(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameter counts, and the trainable share in percent."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}

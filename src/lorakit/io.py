@@ -1,0 +1,310 @@
+"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+Key names are PEFT's (`base_model.model.<module>.lora_A.weight`, `lora_embedding_A`, heads
+as `base_model.model.<module>.<param>`), so vLLM, LoRAX and PEFT read what lorakit writes.
+Loading validates everything (JSON, file integrity, keys, shapes, finite values, base
+fingerprint) before touching the model; saving writes a temp folder and renames it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorakit.adapters import set_adapter
+from lorakit.config import ConfigError, LoraConfig
+from lorakit.inject import (
+    TargetError,
+    adapter_configs,
+    find_modules_to_save,
+    find_targets,
+    inject,
+    lora_layers,
+)
+from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, layer_class_for
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "lorakit_base_fingerprint"
+_ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+
+
+class AdapterError(ValueError):
+    """An adapter folder cannot be saved or loaded; the message says why and what to do."""
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+def base_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """A short hash of the adapted modules' names, shapes and 16 sampled weights each.
+
+    Samples are rounded to bfloat16 first, so the same base loaded in fp32, fp16 or bf16
+    gives the same fingerprint while a different base (or architecture) does not.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        flat = weights[name].detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
+        sample = flat[index].float().to(torch.bfloat16).view(torch.int16).cpu()
+        digest.update(f"{name}{tuple(weights[name].shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _target_weights(targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    return {n: m.original_weight() if isinstance(m, LoraLayer) else m.weight for n, m in targets}
+
+
+# --- save --------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` of `model` to folder `path` in PEFT's format, atomically."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterError(f"model has no adapter {adapter_name!r} to save; loaded: {sorted(configs) or 'none'}")
+    config = configs[adapter_name]
+    tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, []
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        targets.append((name, layer))
+        A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        if isinstance(layer, LoraEmbedding):
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = A
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = B
+            continue
+        if isinstance(layer, LoraLinear) and layer.enable_lora is not None:
+            # PEFT has no fused slices: write the exact equivalent plain LoRA of rank n*r.
+            B = layer.full_B(adapter_name)
+            rank_pattern[name] = A.shape[0]
+            scale = layer.scaling[adapter_name]
+            alpha_pattern[name] = scale * (A.shape[0] ** 0.5 if config.use_rslora else A.shape[0])
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+    for name, module in find_modules_to_save(model, config):
+        for pname, param in module.named_parameters():
+            tensors[f"{PREFIX}{name}.{pname}"] = param
+    if config.bias != "none":
+        for pname, param in model.named_parameters():
+            is_lora_bias = any(pname == f"{n}.base_layer.bias" for n, _ in targets)
+            if pname.endswith("bias") and (config.bias == "all" or is_lora_bias):
+                tensors.setdefault(f"{PREFIX}{pname}", param)
+    peft_config = config.to_peft_dict(_base_name(model), _task_type(model))
+    peft_config["target_modules"] = _portable_targets(model, config, [n for n, _ in targets])
+    # Exact-name entries first: PEFT uses the first pattern that matches.
+    peft_config["rank_pattern"] = {**rank_pattern, **config.rank_pattern}
+    peft_config["alpha_pattern"] = {**alpha_pattern, **config.alpha_pattern}
+    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(_target_weights(targets))}
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+    def write(folder: Path) -> None:
+        save_file(plain, str(folder / WEIGHTS_NAME), metadata=metadata)
+        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+
+    return _write_folder_atomically(Path(path), write)
+
+
+def _write_folder_atomically(out: Path, write) -> Path:
+    if out.exists() and (not out.is_dir() or set(os.listdir(out)) - _ADAPTER_FILES):
+        raise AdapterError(
+            f"{out} exists and is not an adapter folder; lorakit replaces only folders holding "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}: choose a new or empty path"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)  # the old adapter stays complete until the new one is in place
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for marker, task in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if marker in name:
+            return task
+    return None
+
+
+def _portable_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> list[str] | str:
+    """target_modules as other tools read it: the user's suffix list as given, else the
+    adapted modules' last names if they select exactly those modules, else an exact regex."""
+    if isinstance(config.target_modules, list):
+        return sorted(config.target_modules)
+    suffixes = sorted({n.split(".")[-1] for n in adapted})
+    probe = LoraConfig(target_modules=suffixes, exclude_modules=config.exclude_modules,
+                       modules_to_save=config.modules_to_save)
+    try:
+        if sorted(n for n, _ in find_targets(model, probe)) == sorted(adapted):
+            return suffixes
+    except TargetError:
+        pass
+    return "|".join(re.escape(n) for n in adapted)
+
+
+# --- load --------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Read and check an adapter folder: (config, tensors with PREFIX stripped, metadata)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise AdapterError(f"{folder}: no such adapter folder; give the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is a file; give the adapter folder that holds it ({folder.parent})")
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise AdapterError(f"{folder}: {CONFIG_NAME} is missing; this is not a PEFT/lorakit adapter folder")
+    if not weights_file.is_file():
+        hint = (" (found adapter_model.bin: lorakit never unpickles; re-save it with safetensors)"
+                if (folder / "adapter_model.bin").exists() else "")
+        raise AdapterError(f"{folder}: {WEIGHTS_NAME} is missing{hint}")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_file}: not valid JSON ({err}); fix the file or re-save the adapter") from None
+    try:
+        config = LoraConfig.from_peft_dict(data, source=str(config_file))
+    except ConfigError as err:
+        raise AdapterError(str(err)) from None
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {k.removeprefix(PREFIX): handle.get_tensor(k) for k in handle.keys()}
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise AdapterError(
+            f"{weights_file}: not a readable safetensors file ({type(err).__name__}: {err}); "
+            "it is truncated or corrupt: re-save or re-copy the adapter"
+        ) from None
+    return config, tensors, metadata
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    force: bool = False,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load an adapter folder (lorakit's or PEFT's) into `model` as `adapter_name` and make
+    it active. LoRA layers are injected from the adapter's own config where missing. On any
+    error the model is left exactly as it was. `force` skips the base-fingerprint check."""
+    config, tensors, metadata = read_adapter(path)
+    assignments, targets = _plan_load(model, config, tensors, path)
+    expected = metadata.get(FINGERPRINT_KEY)
+    if expected and not force:
+        actual = base_fingerprint(_target_weights(targets))
+        if actual != expected:
+            raise AdapterError(
+                f"{path} was made for a different base model (fingerprint {expected} != {actual} "
+                "of this model's adapted weights); load the base it was trained on, or pass force=True"
+            )
+    inject(model, config, adapter_name)
+    params = dict(model.named_parameters())
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for module_name, part, tensor in assignments:
+            if part in ("A", "B"):
+                target = (layers[module_name].lora_A if part == "A" else layers[module_name].lora_B)[adapter_name]
+            else:
+                target = params[_internal_name(params, part)]
+            target.copy_(tensor.to(target.dtype))
+    set_adapter(model, adapter_name)
+    if not trainable:
+        for _, layer in layers.items():
+            if adapter_name in layer.lora_A:
+                layer.lora_A[adapter_name].requires_grad_(False)
+                layer.lora_B[adapter_name].requires_grad_(False)
+    return model
+
+
+def _internal_name(params: dict[str, nn.Parameter], name: str) -> str:
+    """A PEFT parameter name as named in this model (wrapped in LoRA layers or not)."""
+    if name in params:
+        return name
+    bare = name.replace(".base_layer.", ".")
+    if bare in params:
+        return bare
+    head, _, leaf = name.rpartition(".")
+    return f"{head}.base_layer.{leaf}"
+
+
+def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path):
+    """Match every tensor to its place and check shapes and values; raise once, listing all."""
+    try:
+        targets = find_targets(model, config)
+        keep = find_modules_to_save(model, config)
+    except TargetError as err:
+        raise AdapterError(f"{path} does not fit {type(model).__name__} (made for another model?): {err}") from None
+    expected: dict[str, tuple[tuple[str, str], tuple[int, ...]]] = {}
+    for name, module in targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        options = module.adapter_options() if isinstance(module, LoraLayer) else {}
+        cls = layer_class_for(module)
+        if options.get("enable_lora") is not None:
+            options["enable_lora"] = None  # files hold the plain (unfused) equivalent
+        shape_A, shape_B = cls.adapter_shapes(base, config.rank_for(name), **options)
+        suffix = ("lora_embedding_A", "lora_embedding_B") if cls is LoraEmbedding else ("lora_A.weight", "lora_B.weight")
+        expected[f"{name}.{suffix[0]}"] = ((name, "A"), shape_A)
+        expected[f"{name}.{suffix[1]}"] = ((name, "B"), shape_B)
+    params = dict(model.named_parameters())
+    for name, module in keep:
+        for pname, param in module.named_parameters():
+            expected[f"{name}.{pname}"] = (("", f"{name}.{pname}"), tuple(param.shape))
+    problems, assignments = [], []
+    for key, tensor in tensors.items():
+        if key in expected:
+            (module_name, part), shape = expected.pop(key)
+        elif key.endswith("bias") or key.endswith("base_layer.weight"):
+            internal = _internal_name(params, key)  # trained biases, or PEFT's saved embeddings
+            if internal not in params:
+                problems.append(f"unexpected key {key}")
+                continue
+            module_name, part, shape = "", key, tuple(params[internal].shape)
+        else:
+            problems.append(f"unexpected key {key}")
+            continue
+        if tuple(tensor.shape) != tuple(shape):
+            problems.append(f"{key} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}")
+        elif not tensor.is_floating_point():
+            problems.append(f"{key} has dtype {tensor.dtype}, expected a floating-point tensor")
+        elif not torch.isfinite(tensor).all():
+            problems.append(f"{key} contains NaN or Inf values")
+        else:
+            assignments.append((module_name, part, tensor))
+    problems += [f"missing key {key}" for key in expected]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise AdapterError(f"{path} does not fit {type(model).__name__}: {shown}")
+    return assignments, targets

@@ -1,0 +1,199 @@
+"""LoraLayer: one frozen base module plus any number of named adapters.
+
+Storage: every adapter is a pair of parameters, `lora_A[name]` (r, d_in-like) and
+`lora_B[name]` (d_out-like, r), with its own scaling and dropout. Adapters are kept in
+insertion order, so their position (`slot_of`) is a stable slot index: the serving engine
+stacks these tensors slot by slot (ranks padded) for mixed-adapter batches without
+touching how training stores them.
+
+Merging swaps the base weight for a new Parameter holding W0 + dW and keeps the original
+Parameter aside, so `unmerge` restores it bit for bit (no subtract-and-hope as in loralib).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA layer family; subclasses define shapes, init and maths."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.merge_on_eval = False  # loralib's merge_weights: merge on eval(), unmerge on train()
+        self._original_weight: nn.Parameter | None = None
+        self._pending: list[str] = []  # active adapters not merged: the ones forward must add
+        base_layer.requires_grad_(False)
+
+    # --- subclass interface ----------------------------------------------------------------
+    @staticmethod
+    def adapter_shapes(base: nn.Module, r: int, **options) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank r on this base module."""
+        raise NotImplementedError
+
+    def reset_adapter(self, name: str, init: str) -> None:
+        """Initialise A and B so that the fresh adapter adds exactly zero."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.rank[name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense update of adapter `name`, in the layout of the base weight."""
+        raise NotImplementedError
+
+    def forward_with_adapters(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        """Base output plus the outputs of the unmerged adapters `names`."""
+        raise NotImplementedError
+
+    def adapter_options(self) -> dict:
+        """Constructor options needed to recompute adapter_shapes (e.g. enable_lora)."""
+        return {}
+
+    # --- adapters ----------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming"
+    ) -> None:
+        """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active."""
+        if name in self.lora_A:
+            self.delete_adapter(name)
+        weight = self.base_weight()
+        # Adapters over a half-precision base train in fp32, as PEFT does.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        shape_A, shape_B = self.adapter_shapes(self.base_layer, r, **self.adapter_options())
+        self.lora_A[name] = nn.Parameter(torch.empty(shape_A, dtype=dtype, device=weight.device))
+        self.lora_B[name] = nn.Parameter(torch.empty(shape_B, dtype=dtype, device=weight.device))
+        self.rank[name], self.scaling[name], self.dropout_p[name] = r, scale, float(dropout)
+        self.reset_adapter(name, init)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerging it first if it is merged)."""
+        if name not in self.lora_A:
+            raise KeyError(f"adapter {name!r} not found; this layer has {list(self.lora_A)}")
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.lora_A[name], self.lora_B[name]
+        del self.rank[name], self.scaling[name], self.dropout_p[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._refresh()
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make `names` the active adapters (their outputs are summed)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise KeyError(f"adapter(s) {unknown} not found; this layer has {list(self.lora_A)}")
+        if self.merged_adapters and set(self.merged_adapters) - set(names):
+            self.unmerge()
+        self.active_adapters = names
+        self._refresh()
+
+    def slot_of(self, name: str) -> int:
+        """Stable slot index of adapter `name` (its insertion position)."""
+        return list(self.lora_A).index(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    # --- merge / unmerge / disable ----------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def original_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter."""
+        return self._original_weight if self._original_weight is not None else self.base_layer.weight
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the active (or given) adapters into the base weight. Safe to call twice."""
+        todo = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        if not todo:
+            return
+        current = self.base_layer.weight
+        merged = current.detach().clone()
+        for name in todo:
+            merged += self.delta_weight(name).to(merged.dtype)
+        if self._original_weight is None:
+            self._original_weight = current
+        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+        self.merged_adapters += todo
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Put back the exact original base weight. Safe to call when nothing is merged."""
+        if self._original_weight is None:
+            return
+        self.base_layer.weight = self._original_weight
+        self._original_weight = None
+        self.merged_adapters = []
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Disabled, the layer gives exactly the base output (merged adapters are unmerged)."""
+        if disabled:
+            self.unmerge()
+        self.disabled = disabled
+        self._refresh()
+
+    @contextmanager
+    def disable(self) -> Iterator[None]:
+        previous = self.disabled
+        self.set_disabled(True)
+        try:
+            yield
+        finally:
+            self.set_disabled(previous)
+
+    def _refresh(self) -> None:
+        self._pending = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        super().train(mode)
+        if self.merge_on_eval and not self.disabled:
+            self.unmerge() if mode else self.merge()
+        return self
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._pending:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_with_adapters(x, self._pending, *args, **kwargs)
+
+    # Code written for the wrapped module reads .weight / .bias directly (loralib, HF tying).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.rank[n]}, scale={self.scaling[n]:g}" for n in self.lora_A]
+        state = " merged" if self.merged else (" disabled" if self.disabled else "")
+        return "adapters={" + "; ".join(parts) + "}, active=" + str(self.active_adapters) + state

@@ -1,0 +1,84 @@
+"""LoRA on linear maps: nn.Linear, Hugging Face Conv1D (GPT-2's transposed weight), and fused
+projections where only some output slices are adapted (loralib's MergedLinear)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import functional as LF
+from lorakit.layers.base import LoraLayer
+
+
+def linear_dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    return base.in_features, base.out_features
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over nn.Linear or Conv1D. With `enable_lora`, a fused projection (e.g. GPT-2's
+    c_attn = [q | k | v]) where only the enabled slices get a rank-r update each."""
+
+    def __init__(self, base_layer: nn.Module, enable_lora: list[bool] | None = None) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored as (in, out)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        if enable_lora is not None and self.out_features % len(enable_lora):
+            raise ValueError(
+                f"enable_lora={enable_lora}: {len(enable_lora)} slices do not divide "
+                f"out_features={self.out_features}; use one flag per equal-sized slice"
+            )
+        self.enable_lora = enable_lora
+
+    @staticmethod
+    def adapter_shapes(base: nn.Module, r: int, enable_lora: list[bool] | None = None):
+        d_in, d_out = linear_dims(base)
+        if enable_lora is None:
+            return (r, d_in), (d_out, r)
+        n = sum(enable_lora)
+        return (r * n, d_in), (d_out // len(enable_lora) * n, r)
+
+    def adapter_options(self) -> dict:
+        return {"enable_lora": self.enable_lora}
+
+    def full_B(self, name: str) -> torch.Tensor:
+        """B as a dense (out_features, rank) matrix; block-structured for fused layers."""
+        B = self.lora_B[name]
+        if self.enable_lora is None:
+            return B
+        return LF.expand_fused_B(B, self.enable_lora, self.out_features)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = LF.delta_weight(self.lora_A[name], self.full_B(name), self.scaling[name])
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        no_dropout = not self.training or not any(self.dropout_p[n] for n in names)
+        if not torch.is_grad_enabled() and no_dropout and self._fly_merge_pays(x):
+            # Inference: forming W + dW is cheaper than the factored path for many tokens.
+            weight = self.base_layer.weight
+            for name in names:
+                weight = weight + self.delta_weight(name).to(weight.dtype)
+            return self._base_forward(x, weight)
+        result = self.base_layer(x)
+        for name in names:
+            p = self.dropout_p[name]
+            x_in = F.dropout(x, p, training=True) if p and self.training else x
+            result = LF.add_lora_linear(result, x_in, self.lora_A[name], self.full_B(name), self.scaling[name])
+        return result
+
+    def _fly_merge_pays(self, x: torch.Tensor) -> bool:
+        tokens = x.numel() // x.shape[-1]
+        return LF.worth_merging_on_the_fly(tokens, self.in_features, self.out_features)
+
+    def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's maths with another weight of the same layout."""
+        bias = self.base_layer.bias
+        if self.fan_in_fan_out:
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, weight, bias)
