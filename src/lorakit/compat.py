@@ -17,10 +17,18 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 
 ADAPTER = "default"
-_LINEAR_NAMES = {"weight": "base_layer.weight", "bias": "base_layer.bias", "lora_A": f"lora_A.{ADAPTER}",
-                 "lora_B": f"lora_B.{ADAPTER}"}
-_CONV_NAMES = {"conv.weight": "base_layer.weight", "conv.bias": "base_layer.bias", "lora_A": f"lora_A.{ADAPTER}",
-               "lora_B": f"lora_B.{ADAPTER}"}
+_LINEAR_NAMES = {
+    "weight": "base_layer.weight",
+    "bias": "base_layer.bias",
+    "lora_A": f"lora_A.{ADAPTER}",
+    "lora_B": f"lora_B.{ADAPTER}",
+}
+_CONV_NAMES = {
+    "conv.weight": "base_layer.weight",
+    "conv.bias": "base_layer.bias",
+    "lora_A": f"lora_A.{ADAPTER}",
+    "lora_B": f"lora_B.{ADAPTER}",
+}
 
 
 class _LoralibNames:
@@ -28,8 +36,9 @@ class _LoralibNames:
 
     loralib_names: dict[str, str] = _LINEAR_NAMES
 
-    def _setup_loralib(self: LoraLayer, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
-                       enabled: bool = True) -> None:
+    def _setup_loralib(
+        self: LoraLayer, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, enabled: bool = True
+    ) -> None:
         self.r, self.lora_alpha = r, lora_alpha
         if r > 0 and enabled:
             self.add_adapter(ADAPTER, r, lora_alpha / r, lora_dropout)
@@ -55,13 +64,25 @@ class _LoralibNames:
 class Linear(_LoralibNames, LoraLinear):
     """loralib.Linear: an nn.Linear (or, with fan_in_fan_out, a transposed Conv1D) with LoRA."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
-                 bias: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        bias: bool = True,
+        **kwargs,
+    ) -> None:
         if fan_in_fan_out and not bias:
             raise ValueError("fan_in_fan_out=True needs bias=True (the transposed layer is HF's Conv1D)")
-        base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(
-            in_features, out_features, bias=bias, **kwargs)
+        base = (
+            Conv1D(out_features, in_features)
+            if fan_in_fan_out
+            else nn.Linear(in_features, out_features, bias=bias, **kwargs)
+        )
         LoraLinear.__init__(self, base)
         self._setup_loralib(r, lora_alpha, lora_dropout, merge_weights)
 
@@ -69,9 +90,18 @@ class Linear(_LoralibNames, LoraLinear):
 class MergedLinear(_LoralibNames, LoraLinear):
     """loralib.MergedLinear: a fused projection where `enable_lora` picks the adapted slices."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, enable_lora: list[bool] | None = None, fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: list[bool] | None = None,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs,
+    ) -> None:
         enable_lora = list(enable_lora or [False])
         base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(in_features, out_features, **kwargs)
         LoraLinear.__init__(self, base, enable_lora=enable_lora)
@@ -81,8 +111,15 @@ class MergedLinear(_LoralibNames, LoraLinear):
 class Embedding(_LoralibNames, LoraEmbedding):
     """loralib.Embedding: an nn.Embedding with a low-rank update table."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
-                 merge_weights: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        **kwargs,
+    ) -> None:
         LoraEmbedding.__init__(self, nn.Embedding(num_embeddings, embedding_dim, **kwargs))
         self._setup_loralib(r, lora_alpha, 0.0, merge_weights)
 
@@ -91,8 +128,17 @@ class _ConvLoRA(_LoralibNames, LoraConv):
     loralib_names = _CONV_NAMES
     conv_type: type[nn.Module] = nn.Conv2d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, merge_weights: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        **kwargs,
+    ) -> None:
         if not isinstance(kernel_size, int):
             raise ValueError(f"kernel_size={kernel_size!r}: loralib's conv LoRA takes a single int")
         LoraConv.__init__(self, self.conv_type(in_channels, out_channels, kernel_size, **kwargs), style="loralib")

@@ -127,9 +127,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     keep = find_modules_to_save(model, config)
     for name, module in targets:
         layer = module if isinstance(module, LoraLayer) else _wrap(module, name, config)
-        layer.add_adapter(
-            adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init
-        )
+        layer.add_adapter(adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init)
         if layer is not module:
             model.set_submodule(name, layer)
     adapter_configs(model)[adapter_name] = config

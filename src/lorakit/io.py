@@ -164,8 +164,9 @@ def _portable_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) 
     if isinstance(config.target_modules, list):
         return sorted(config.target_modules)
     suffixes = sorted({n.split(".")[-1] for n in adapted})
-    probe = LoraConfig(target_modules=suffixes, exclude_modules=config.exclude_modules,
-                       modules_to_save=config.modules_to_save)
+    probe = LoraConfig(
+        target_modules=suffixes, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save
+    )
     try:
         if sorted(n for n, _ in find_targets(model, probe)) == sorted(adapted):
             return suffixes
@@ -179,15 +180,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     """Read and check an adapter folder: (config, tensors with PREFIX stripped, metadata)."""
     folder = Path(path)
     if not folder.exists():
-        raise AdapterError(f"{folder}: no such adapter folder; give the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(
+            f"{folder}: no such adapter folder; give the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not folder.is_dir():
         raise AdapterError(f"{folder} is a file; give the adapter folder that holds it ({folder.parent})")
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_file.is_file():
         raise AdapterError(f"{folder}: {CONFIG_NAME} is missing; this is not a PEFT/lorakit adapter folder")
     if not weights_file.is_file():
-        hint = (" (found adapter_model.bin: lorakit never unpickles; re-save it with safetensors)"
-                if (folder / "adapter_model.bin").exists() else "")
+        hint = (
+            " (found adapter_model.bin: lorakit never unpickles; re-save it with safetensors)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise AdapterError(f"{folder}: {WEIGHTS_NAME} is missing{hint}")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
@@ -275,7 +281,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         if options.get("enable_lora") is not None:
             options["enable_lora"] = None  # files hold the plain (unfused) equivalent
         shape_A, shape_B = cls.adapter_shapes(base, config.rank_for(name), **options)
-        suffix = ("lora_embedding_A", "lora_embedding_B") if cls is LoraEmbedding else ("lora_A.weight", "lora_B.weight")
+        embedding = cls is LoraEmbedding
+        suffix = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         expected[f"{name}.{suffix[0]}"] = ((name, "A"), shape_A)
         expected[f"{name}.{suffix[1]}"] = ((name, "B"), shape_B)
     params = dict(model.named_parameters())

@@ -68,9 +68,7 @@ class LoraLayer(nn.Module):
         return {}
 
     # --- adapters ----------------------------------------------------------------------------
-    def add_adapter(
-        self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming"
-    ) -> None:
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming") -> None:
         """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active."""
         if name in self.lora_A:
             self.delete_adapter(name)

@@ -35,8 +35,13 @@ class LoraEmbedding(LoraLayer):
         for name in names:
             # Look rows of A.T up with the base table's own options (padding_idx, max_norm, ...).
             h = F.embedding(
-                x, self.lora_A[name].t(), base.padding_idx, base.max_norm,
-                base.norm_type, base.scale_grad_by_freq, base.sparse,
+                x,
+                self.lora_A[name].t(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
             )
             result = LF.add_lora_output(result, h, self.lora_B[name], self.scaling[name])
         return result
