@@ -42,8 +42,8 @@ class _LoralibNames:
         self.r, self.lora_alpha = r, lora_alpha
         if r > 0 and enabled:
             self.add_adapter(ADAPTER, r, lora_alpha / r, lora_dropout)
-            if self.base_layer.bias is not None:  # loralib freezes only the weight
-                self.base_layer.bias.requires_grad_(True)
+            if self.bias is not None:  # loralib freezes only the weight (via .bias: nn.Embedding has none)
+                self.bias.requires_grad_(True)
         else:
             self.base_layer.requires_grad_(True)  # r=0: a plain trainable layer, as in loralib
         self.merge_on_eval = merge_weights
@@ -169,7 +169,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         param.requires_grad_("lora_" in name or (bias == "all" and "bias" in name))
     if bias == "lora_only":
         for module in model.modules():
-            if isinstance(module, LoraLayer) and module.bias is not None:
+            # loralib's conv layers have no .bias (it is .conv.bias), so loralib leaves it frozen
+            # and lora_state_dict(bias="lora_only") does not save it: training it would be lost.
+            if isinstance(module, LoraLayer) and not isinstance(module, _ConvLoRA) and module.bias is not None:
                 module.bias.requires_grad_(True)
 
 

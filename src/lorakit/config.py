@@ -25,6 +25,21 @@ _PEFT_TO_LORAKIT = {
     "fan_in_fan_out": "fan_in_fan_out",
 }
 
+# PEFT settings that change what the adapter computes (or which modules it covers) beyond plain
+# LoRA. Ignoring them would load the tensors and silently give other outputs, so they are refused.
+_UNSUPPORTED_PEFT = {
+    "lora_bias": "a bias on lora_B",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "layers_to_transform": "adapting only some layers (layers_to_transform)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+
 
 class ConfigError(ValueError):
     """A LoraConfig (or an adapter_config.json) is invalid; the message lists every problem."""
@@ -179,6 +194,9 @@ class LoraConfig:
             problems.append(f"peft_type={data.get('peft_type')!r}: lorakit reads LoRA adapters only ('LORA')")
         if data.get("use_dora"):
             problems.append("use_dora=true: DoRA adapters are not supported by this version of lorakit")
+        for key, what in _UNSUPPORTED_PEFT.items():
+            if data.get(key):
+                problems.append(f"{key}={data[key]!r}: {what} is not supported by this version of lorakit")
         init = data.get("init_lora_weights", True)
         if init not in (True, False, "gaussian"):
             problems.append(f"init_lora_weights={init!r}: only plain LoRA initialisations are supported")

@@ -30,6 +30,7 @@ from lorakit.inject import (
     find_targets,
     inject,
     lora_layers,
+    walk,
 )
 from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, layer_class_for
 
@@ -90,7 +91,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             alpha_pattern[name] = scale * (A.shape[0] ** 0.5 if config.use_rslora else A.shape[0])
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
-    for name, module in find_modules_to_save(model, config):
+    task_type = _task_type(model)
+    saved = find_modules_to_save(model, config)
+    heads = _task_heads(model, task_type, [n for n, _ in targets + saved])
+    for name, module in saved + heads:
         for pname, param in module.named_parameters():
             tensors[f"{PREFIX}{name}.{pname}"] = param
     if config.bias != "none":
@@ -98,8 +102,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             is_lora_bias = any(pname == f"{n}.base_layer.bias" for n, _ in targets)
             if pname.endswith("bias") and (config.bias == "all" or is_lora_bias):
                 tensors.setdefault(f"{PREFIX}{pname}", param)
-    peft_config = config.to_peft_dict(_base_name(model), _task_type(model))
+    peft_config = config.to_peft_dict(_base_name(model), task_type)
+    if heads:
+        peft_config["modules_to_save"] = [*(config.modules_to_save or []), *(n for n, _ in heads)]
     peft_config["target_modules"] = _portable_targets(model, config, [n for n, _ in targets])
+    if any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for _, layer in targets):
+        peft_config["fan_in_fan_out"] = True  # as PEFT records Conv1D targets (it warns on false)
     # Exact-name entries first: PEFT uses the first pattern that matches.
     peft_config["rank_pattern"] = {**rank_pattern, **config.rank_pattern}
     peft_config["alpha_pattern"] = {**alpha_pattern, **config.alpha_pattern}
@@ -129,7 +137,11 @@ def _write_folder_atomically(out: Path, write) -> Path:
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)  # the old adapter stays complete until the new one is in place
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)  # put the old adapter back rather than leave it hidden
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -156,6 +168,26 @@ def _task_type(model: nn.Module) -> str | None:
         if marker in name:
             return task
     return None
+
+
+# PEFT's model classes for these tasks always add their heads to modules_to_save and fail to
+# load a file without them. Saving the (frozen) head also keeps the adapter right on a base
+# whose head is freshly (randomly) initialised, as from_pretrained does for a new head.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _task_heads(model: nn.Module, task_type: str | None, taken: list[str]) -> list[tuple[str, nn.Module]]:
+    """The task's head modules not already saved, adapted, or holding an adapted layer."""
+    names = _TASK_HEADS.get(task_type, ())
+
+    def overlaps(name: str) -> bool:
+        return any(name == t or name.startswith(t + ".") or t.startswith(name + ".") for t in taken)
+
+    return [(n, m) for n, m in walk(model) if n.split(".")[-1] in names and not overlaps(n)]
 
 
 def _portable_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> list[str] | str:
@@ -237,7 +269,7 @@ def load_adapter(
                 "of this model's adapted weights); load the base it was trained on, or pass force=True"
             )
     inject(model, config, adapter_name)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for module_name, part, tensor in assignments:
@@ -266,6 +298,23 @@ def _internal_name(params: dict[str, nn.Parameter], name: str) -> str:
     return f"{head}.base_layer.{leaf}"
 
 
+def _embedding_keys(model: nn.Module) -> set[str]:
+    """`<module>.weight` of the input and output embeddings: PEFT saves these tables in full
+    under their plain names with save_embedding_layers=True (its default after a vocab resize)."""
+    tables = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            tables.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError):
+            continue
+    keys = set()
+    for name, module in walk(model):
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if name and any(base is t for t in tables if t is not None):
+            keys.add(f"{name}.weight")
+    return keys
+
+
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path):
     """Match every tensor to its place and check shapes and values; raise once, listing all."""
     try:
@@ -285,7 +334,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         suffix = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         expected[f"{name}.{suffix[0]}"] = ((name, "A"), shape_A)
         expected[f"{name}.{suffix[1]}"] = ((name, "B"), shape_B)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
+    tables = _embedding_keys(model)
     for name, module in keep:
         for pname, param in module.named_parameters():
             expected[f"{name}.{pname}"] = (("", f"{name}.{pname}"), tuple(param.shape))
@@ -293,7 +343,7 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     for key, tensor in tensors.items():
         if key in expected:
             (module_name, part), shape = expected.pop(key)
-        elif key.endswith("bias") or key.endswith("base_layer.weight"):
+        elif key.endswith("bias") or key.endswith("base_layer.weight") or key in tables:
             internal = _internal_name(params, key)  # trained biases, or PEFT's saved embeddings
             if internal not in params:
                 problems.append(f"unexpected key {key}")

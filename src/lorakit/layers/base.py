@@ -137,10 +137,21 @@ class LoraLayer(nn.Module):
         for name in todo:
             merged += self.delta_weight(name).to(merged.dtype)
         if self._original_weight is None:
-            self._original_weight = current
+            # A plain attribute, not a registered Parameter: a merged layer must keep the same
+            # parameters and state-dict keys as an unmerged one (counts, strict loading, loralib).
+            object.__setattr__(self, "_original_weight", current)
         self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
         self.merged_adapters += todo
         self._refresh()
+
+    def _apply(self, fn, recurse: bool = True):
+        # The stashed unmerged weight is not registered, so .to() / .half() would miss it:
+        # convert it in place, as nn.Module does parameters, so unmerge restores it converted.
+        super()._apply(fn, recurse)
+        if self._original_weight is not None:
+            with torch.no_grad():
+                self._original_weight.data = fn(self._original_weight)
+        return self
 
     def unmerge(self) -> None:
         """Put back the exact original base weight. Safe to call when nothing is merged."""
