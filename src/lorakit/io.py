@@ -257,7 +257,8 @@ def load_adapter(
 ) -> nn.Module:
     """Load an adapter folder (lorakit's or PEFT's) into `model` as `adapter_name` and make
     it active. LoRA layers are injected from the adapter's own config where missing. On any
-    error the model is left exactly as it was. `force` skips the base-fingerprint check."""
+    error the model is left exactly as it was. `force` skips the base-fingerprint check;
+    `trainable=False` (the default) freezes the whole model for inference, as PEFT does."""
     config, tensors, metadata = read_adapter(path)
     assignments, targets = _plan_load(model, config, tensors, path)
     expected = metadata.get(FINGERPRINT_KEY)
@@ -279,11 +280,8 @@ def load_adapter(
                 target = params[_internal_name(params, part)]
             target.copy_(tensor.to(target.dtype))
     set_adapter(model, adapter_name)
-    if not trainable:
-        for _, layer in layers.items():
-            if adapter_name in layer.lora_A:
-                layer.lora_A[adapter_name].requires_grad_(False)
-                layer.lora_B[adapter_name].requires_grad_(False)
+    if not trainable:  # inference use, as PEFT's from_pretrained: nothing trains
+        model.requires_grad_(False)
     return model
 
 
