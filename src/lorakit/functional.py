@@ -76,3 +76,39 @@ def conv_delta_peft(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Ten
 def conv_delta_loralib(A: torch.Tensor, B: torch.Tensor, scale: float, weight_shape: torch.Size) -> torch.Tensor:
     """loralib's conv LoRA: (B @ A) reshaped to the kernel's shape."""
     return (B @ A).view(weight_shape) * scale
+
+
+class MergedLoraLinear(torch.autograd.Function):
+    """y = x @ (W + scale * B @ A).T + bias, with gradients for x, A, B and bias only.
+
+    For a frozen W this is LoRA with the fewest passes over the (tokens, d) activations:
+    the forward is one matmul with the merged weight plus x @ A.T (kept for B's gradient);
+    the backward gets x's gradient from one matmul with the merged weight instead of the
+    base matmul plus a LoRA branch and an accumulation. A and B's gradients come from the
+    low-rank products, never from a dense (d_out, d_in) weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale: float):  # weight: (d_out, d_in), frozen
+        merged = torch.addmm(weight, B, A, alpha=scale)
+        out = F.linear(x, merged, bias)
+        x2d = x.reshape(-1, x.shape[-1])
+        h = x2d @ A.t() if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(x2d, h, merged, A, B)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, h, merged, A, B = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ merged).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = torch.mm((g @ B).t(), x2d).mul_(ctx.scale)
+        if ctx.needs_input_grad[4]:
+            grad_B = torch.mm(g.t(), h).mul_(ctx.scale)
+        return grad_x, None, grad_bias, grad_A, grad_B, None

@@ -57,19 +57,29 @@ class LoraLinear(LoraLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        no_dropout = not self.training or not any(self.dropout_p[n] for n in names)
-        if not torch.is_grad_enabled() and no_dropout and self._fly_merge_pays(x):
-            # Inference: forming W + dW is cheaper than the factored path for many tokens.
+        dropout_on = self.training and any(self.dropout_p[n] for n in names)
+        if not dropout_on and self._fly_merge_pays(x):
             weight = self.base_layer.weight
-            for name in names:
-                weight = weight + self.delta_weight(name).to(weight.dtype)
-            return self._base_forward(x, weight)
+            if not torch.is_grad_enabled():  # inference: one matmul with W + dW
+                for name in names:
+                    weight = weight + self.delta_weight(name).to(weight.dtype)
+                return self._base_forward(x, weight)
+            if len(names) == 1 and not weight.requires_grad and self.enable_lora is None:
+                return self._merged_train_forward(x, names[0])
         result = self.base_layer(x)
         for name in names:
             p = self.dropout_p[name]
             x_in = F.dropout(x, p, training=True) if p and self.training else x
             result = LF.add_lora_linear(result, x_in, self.lora_A[name], self.full_B(name), self.scaling[name])
         return result
+
+    def _merged_train_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Training without LoRA dropout: the fused merged-weight autograd function."""
+        A, B, weight = self.lora_A[name], self.lora_B[name], self.base_layer.weight
+        if A.dtype != weight.dtype:  # fp32 adapter over a half base: keep the textbook path
+            return LF.add_lora_linear(self.base_layer(x), x, A, B, self.scaling[name])
+        weight = weight.t() if self.fan_in_fan_out else weight
+        return LF.MergedLoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.scaling[name])
 
     def _fly_merge_pays(self, x: torch.Tensor) -> bool:
         tokens = x.numel() // x.shape[-1]

@@ -1,0 +1,59 @@
+"""The pure maths in lorakit.functional against autograd and the dense definitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit import functional as LF
+from lorakit.layers import LoraLinear
+
+
+def test_merged_lora_linear_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 6, dtype=torch.float64)  # frozen
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: LF.MergedLoraLinear.apply(*t, 0.7), (x, W, b, A, B))
+
+
+@pytest.mark.parametrize("tokens", [2, 64])  # the factored path, then the merged-weight function
+def test_training_paths_match_textbook_lora_with_input_and_bias_grads(tokens):
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("default", r=4, scale=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    layer(x).sin().sum().backward()
+
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach().clone().requires_grad_(True)
+    A = layer.lora_A["default"].detach().clone().requires_grad_(True)
+    B = layer.lora_B["default"].detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (F.linear(x_ref, W, b) + 0.5 * (x_ref @ A.T) @ B.T).sin().sum().backward()
+    for got, want in (
+        (x.grad, x_ref.grad),
+        (layer.lora_A["default"].grad, A.grad),
+        (layer.lora_B["default"].grad, B.grad),
+        (layer.base_layer.bias.grad, b.grad),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expand_fused_B_is_block_structured():
+    B = torch.arange(8.0).reshape(4, 2)  # two enabled slices of 2 rows, rank 2 each... as rows
+    full = LF.expand_fused_B(B, [True, False, True], out_features=6)
+    expected = torch.zeros(6, 4)
+    expected[0:2, 0:2] = B[0:2]
+    expected[4:6, 2:4] = B[2:4]
+    assert torch.equal(full, expected)
+
+
+def test_conv_delta_peft_equals_explicit_sum():
+    torch.manual_seed(0)
+    A, B = torch.randn(3, 5, 2, 2), torch.randn(7, 3, 1, 1)
+    expected = sum(B[:, k, 0, 0][:, None, None, None] * A[k][None] for k in range(3)) * 0.25
+    torch.testing.assert_close(LF.conv_delta_peft(A, B, 0.25), expected)
