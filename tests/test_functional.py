@@ -57,3 +57,33 @@ def test_conv_delta_peft_equals_explicit_sum():
     A, B = torch.randn(3, 5, 2, 2), torch.randn(7, 3, 1, 1)
     expected = sum(B[:, k, 0, 0][:, None, None, None] * A[k][None] for k in range(3)) * 0.25
     torch.testing.assert_close(LF.conv_delta_peft(A, B, 0.25), expected)
+
+
+def test_unmerged_inference_cache_follows_in_place_updates_and_merges():
+    """The cached W + dW must never be stale: optimizer steps, merges and adapter switches."""
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("a", r=4, scale=0.5)
+    layer.add_adapter("b", r=2, scale=2.0)
+    x = torch.randn(64, 16)
+
+    def reference(name):
+        W = layer.original_weight() + layer.scaling[name] * layer.lora_B[name] @ layer.lora_A[name]
+        return F.linear(x, W, layer.base_layer.bias)
+
+    for _ in range(3):
+        with torch.no_grad():
+            layer.lora_B["a"].add_(torch.randn(12, 4))  # as an optimizer step would
+        layer.set_adapter("a")
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), reference("a"), rtol=0, atol=1e-5)
+        layer.set_adapter("b")
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference("b"), rtol=0, atol=1e-5)
+    layer.set_adapter("a")
+    layer.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference("a"), rtol=0, atol=1e-5)
+    layer.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference("a"), rtol=0, atol=1e-5)

@@ -33,6 +33,7 @@ class LoraLinear(LoraLayer):
                 f"out_features={self.out_features}; use one flag per equal-sized slice"
             )
         self.enable_lora = enable_lora
+        self._weight_cache: tuple | None = None  # (key, merged weight) for unmerged inference
 
     @staticmethod
     def adapter_shapes(base: nn.Module, r: int, enable_lora: list[bool] | None = None):
@@ -61,9 +62,7 @@ class LoraLinear(LoraLayer):
         if not dropout_on and self._fly_merge_pays(x):
             weight = self.base_layer.weight
             if not torch.is_grad_enabled():  # inference: one matmul with W + dW
-                for name in names:
-                    weight = weight + self.delta_weight(name).to(weight.dtype)
-                return self._base_forward(x, weight)
+                return self._base_forward(x, self._cached_merged_weight(names))
             if len(names) == 1 and not weight.requires_grad and self.enable_lora is None:
                 return self._merged_train_forward(x, names[0])
         result = self.base_layer(x)
@@ -80,6 +79,39 @@ class LoraLinear(LoraLayer):
             return LF.add_lora_linear(self.base_layer(x), x, A, B, self.scaling[name])
         weight = weight.t() if self.fan_in_fan_out else weight
         return LF.MergedLoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.scaling[name])
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight plus the adapters `names`, in the base layout (one addmm each)."""
+        weight = self.base_layer.weight
+        for name in names:
+            A, B = self.lora_A[name].to(weight.dtype), self.full_B(name).to(weight.dtype)
+            if self.fan_in_fan_out:
+                weight = torch.addmm(weight, A.t(), B.t(), alpha=self.scaling[name])
+            else:
+                weight = torch.addmm(weight, B, A, alpha=self.scaling[name])
+        return weight
+
+    def _cached_merged_weight(self, names: list[str]) -> torch.Tensor:
+        """merged_weight(names), formed again only when a tensor involved has changed.
+
+        The key holds each tensor's storage address and version counter (bumped by every
+        in-place update, e.g. an optimizer step), so a stale weight is never used. Re-forming
+        it per call costs little on a CPU but three kernel launches per layer on a GPU, which
+        dominate small batches there. The price is one merged copy of each adapted weight.
+        """
+        tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        key = (tuple(names), tuple(self.scaling[n] for n in names), tuple((t.data_ptr(), t._version) for t in tensors))
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.merged_weight(names))
+        return self._weight_cache[1]
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._weight_cache = None
+
+    def train(self, mode: bool = True) -> LoraLinear:
+        self._weight_cache = None  # training changes the weights: do not keep a copy around
+        return super().train(mode)
 
     def _fly_merge_pays(self, x: torch.Tensor) -> bool:
         tokens = x.numel() // x.shape[-1]
