@@ -34,7 +34,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.dev
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py --device cpu --repeats 30
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
