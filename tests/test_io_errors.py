@@ -8,10 +8,11 @@ import os
 import re
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertForSequenceClassification, GPT2LMHeadModel
 
 import lorakit
 import lorakit.io
@@ -21,27 +22,12 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 QUERY_A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with 2 intra-op threads on a busy 2-core box each one waits ~20 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny.bert(seed).eval()
 
 
 def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return tiny.gpt2(0).eval()
 
 
 def with_adapter(model: torch.nn.Module, seed: int = 1, **kwargs) -> torch.nn.Module:

@@ -12,10 +12,11 @@ import math
 
 import loralib
 import pytest
+import tiny
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
@@ -596,16 +597,7 @@ def test_model_set_adapter_and_delete_adapter():
 
 # --- (j) model level: Hugging Face BERT ---------------------------------------------------------
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny.bert(seed).eval()
 
 
 def bert_inputs() -> dict[str, torch.Tensor]:

@@ -13,17 +13,10 @@ import re
 
 import peft
 import pytest
+import tiny
 import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import lorakit
 
@@ -39,39 +32,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: with 2 intra-op threads on a busy 2-core box each one waits ~20 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- tiny models -----------------------------------------------------------------------------
-def _bert() -> BertForSequenceClassification:
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
-    )
-    return BertForSequenceClassification(config)
-
-
-def _gpt2() -> GPT2LMHeadModel:
-    # bos/eos inside the 100-token vocabulary: GPT-2's defaults (50256) only make transformers log noise.
-    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
-
-
-def _llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
+_bert, _gpt2, _llama = tiny.bert, tiny.gpt2, tiny.llama
 
 
 BUILDERS = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
