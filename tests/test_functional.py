@@ -87,3 +87,21 @@ def test_unmerged_inference_cache_follows_in_place_updates_and_merges():
     layer.unmerge()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference("a"), rtol=0, atol=1e-5)
+
+
+def test_training_under_autocast_matches_fp32_textbook_lora():
+    """Autocast (bf16 on CPU here) takes the textbook path; gradients stay close to fp32."""
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("default", r=4, scale=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    A = layer.lora_A["default"].detach().clone().requires_grad_(True)
+    B = layer.lora_B["default"].detach().clone().requires_grad_(True)
+    (F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 0.5 * (x @ A.T) @ B.T).sum().backward()
+    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, rtol=0.05, atol=0.05)

@@ -75,7 +75,9 @@ class LoraLinear(LoraLayer):
     def _merged_train_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Training without LoRA dropout: the fused merged-weight autograd function."""
         A, B, weight = self.lora_A[name], self.lora_B[name], self.base_layer.weight
-        if A.dtype != weight.dtype:  # fp32 adapter over a half base: keep the textbook path
+        # An fp32 adapter over a half base, or autocast (whose dtype choices the function's
+        # hand-written backward would not repeat): keep the textbook path.
+        if A.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
             return LF.add_lora_linear(self.base_layer(x), x, A, B, self.scaling[name])
         weight = weight.t() if self.fan_in_fan_out else weight
         return LF.MergedLoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.scaling[name])
@@ -96,8 +98,8 @@ class LoraLinear(LoraLayer):
 
         The key holds each tensor's storage address and version counter (bumped by every
         in-place update, e.g. an optimizer step), so a stale weight is never used. Re-forming
-        it per call costs little on a CPU but three kernel launches per layer on a GPU, which
-        dominate small batches there. The price is one merged copy of each adapted weight.
+        it per call costs little on a CPU, but on a GPU the extra launch per layer dominates
+        small batches. The price is one merged copy of each adapted weight.
         """
         tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
         key = (tuple(names), tuple(self.scaling[n] for n in names), tuple((t.data_ptr(), t._version) for t in tensors))
