@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from lorakit.functional import scaling
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = Literal["kaiming", "gaussian"]
@@ -150,8 +151,7 @@ class LoraConfig:
 
     def scaling_for(self, module_name: str) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA, for one module."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def enable_lora_for(self, module_name: str) -> list[bool] | None:
         """The slice mask of a fused projection, or None for an ordinary layer."""
@@ -216,13 +216,6 @@ class LoraConfig:
             return cls(**kwargs)
         except (ConfigError, TypeError) as err:
             raise ConfigError(f"{source}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:

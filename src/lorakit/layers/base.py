@@ -1,10 +1,10 @@
 """LoraLayer: one frozen base module plus any number of named adapters.
 
 Storage: every adapter is a pair of parameters, `lora_A[name]` (r, d_in-like) and
-`lora_B[name]` (d_out-like, r), with its own scaling and dropout. Adapters are kept in
-insertion order, so their position (`slot_of`) is a stable slot index: the serving engine
-stacks these tensors slot by slot (ranks padded) for mixed-adapter batches without
-touching how training stores them.
+`lora_B[name]` (d_out-like, r), with its own rank, scaling and dropout, all keyed by name.
+Separate parameters are what an optimizer trains; a server that mixes adapters in one batch
+stacks these same tensors into per-layer slot tensors (ranks padded, one scaling per slot)
+without changing how they are stored here.
 
 Merging swaps the base weight for a new Parameter holding W0 + dW and keeps the original
 Parameter aside, so `unmerge` restores it bit for bit (no subtract-and-hope as in loralib).
@@ -105,10 +105,6 @@ class LoraLayer(nn.Module):
             self.unmerge()
         self.active_adapters = names
         self._refresh()
-
-    def slot_of(self, name: str) -> int:
-        """Stable slot index of adapter `name` (its insertion position)."""
-        return list(self.lora_A).index(name)
 
     @property
     def adapter_names(self) -> list[str]:
