@@ -356,3 +356,19 @@ def test_config_lists_every_invalid_field_in_one_error():
     ):
         assert fragment in message, fragment
     assert message.count(";") == 8  # nine problems, one error
+
+
+def test_plain_adapter_into_an_existing_fused_layer_is_refused_before_any_change(tmp_path):
+    """A GPT-2 file saved from a fused c_attn holds the plain rank-2r equivalent; loading it
+    where a fused layer already sits must fail on shapes and leave that model untouched."""
+    fused = lorakit.LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]})
+    source = lorakit.inject(gpt2(), fused)
+    lorakit.save_adapter(source, tmp_path / "adapter")
+    target = lorakit.inject(gpt2(), fused, adapter_name="mine")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(lorakit.AdapterError, match="has shape"):
+        lorakit.load_adapter(target, tmp_path / "adapter", adapter_name="other")
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fresh = lorakit.load_adapter(gpt2(), tmp_path / "adapter")  # a fresh base takes it as plain LoRA
+    assert len(lorakit.lora_layers(fresh)) == 2

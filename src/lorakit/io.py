@@ -325,8 +325,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         base = module.base_layer if isinstance(module, LoraLayer) else module
         options = module.adapter_options() if isinstance(module, LoraLayer) else {}
         cls = layer_class_for(module)
-        if options.get("enable_lora") is not None:
-            options["enable_lora"] = None  # files hold the plain (unfused) equivalent
+        # A fused layer already in the model keeps its fused shapes, so a file (which holds
+        # the plain equivalent) is refused by the shape check below, before anything changes.
         shape_A, shape_B = cls.adapter_shapes(base, config.rank_for(name), **options)
         embedding = cls is LoraEmbedding
         suffix = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
