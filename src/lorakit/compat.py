@@ -61,6 +61,15 @@ class _LoralibNames:
                 state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
 
 
+def _linear_base(in_features: int, out_features: int, fan_in_fan_out: bool, bias: bool = True, **kwargs) -> nn.Module:
+    """loralib stores a fan_in_fan_out weight as (in, out): that is HF's Conv1D."""
+    if not fan_in_fan_out:
+        return nn.Linear(in_features, out_features, bias=bias, **kwargs)
+    if not bias:
+        raise ValueError("fan_in_fan_out=True needs bias=True (the transposed layer is HF's Conv1D)")
+    return Conv1D(out_features, in_features)
+
+
 class Linear(_LoralibNames, LoraLinear):
     """loralib.Linear: an nn.Linear (or, with fan_in_fan_out, a transposed Conv1D) with LoRA."""
 
@@ -76,14 +85,7 @@ class Linear(_LoralibNames, LoraLinear):
         bias: bool = True,
         **kwargs,
     ) -> None:
-        if fan_in_fan_out and not bias:
-            raise ValueError("fan_in_fan_out=True needs bias=True (the transposed layer is HF's Conv1D)")
-        base = (
-            Conv1D(out_features, in_features)
-            if fan_in_fan_out
-            else nn.Linear(in_features, out_features, bias=bias, **kwargs)
-        )
-        LoraLinear.__init__(self, base)
+        LoraLinear.__init__(self, _linear_base(in_features, out_features, fan_in_fan_out, bias=bias, **kwargs))
         self._setup_loralib(r, lora_alpha, lora_dropout, merge_weights)
 
 
@@ -103,7 +105,7 @@ class MergedLinear(_LoralibNames, LoraLinear):
         **kwargs,
     ) -> None:
         enable_lora = list(enable_lora or [False])
-        base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(in_features, out_features, **kwargs)
+        base = _linear_base(in_features, out_features, fan_in_fan_out, **kwargs)
         LoraLinear.__init__(self, base, enable_lora=enable_lora)
         self._setup_loralib(r, lora_alpha, lora_dropout, merge_weights, enabled=any(enable_lora))
 

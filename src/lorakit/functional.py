@@ -56,15 +56,17 @@ def expand_fused_B(B: torch.Tensor, enable_lora: list[bool], out_features: int) 
     """loralib's MergedLinear B (out_per_slice * n_enabled, r) as a dense (out_features,
     n_enabled * r) block matrix: enabled slice j uses its own r columns, disabled slices are
     zero rows. A fused layer is then an ordinary LoRA of rank n_enabled * r."""
-    n_enabled = sum(enable_lora)
+    n_enabled, r = sum(enable_lora), B.shape[1]
     out_per_slice = out_features // len(enable_lora)
-    blocks = torch.block_diag(*B.split(out_per_slice, dim=0))  # (n_enabled*out_per, n_enabled*r)
-    if n_enabled == len(enable_lora):
-        return blocks
-    rows = torch.tensor(enable_lora, device=B.device).repeat_interleave(out_per_slice)
-    full = B.new_zeros(out_features, blocks.shape[1])
-    full[rows] = blocks
-    return full
+    slices, k = [], 0
+    for enabled in enable_lora:  # no index tensor: nothing crosses from host to device
+        if enabled:
+            rows = B[k * out_per_slice : (k + 1) * out_per_slice]
+            slices.append(F.pad(rows, (k * r, (n_enabled - k - 1) * r)))
+            k += 1
+        else:
+            slices.append(B.new_zeros(out_per_slice, n_enabled * r))
+    return torch.cat(slices)
 
 
 def conv_delta_peft(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

@@ -72,7 +72,7 @@ class LoraLayer(nn.Module):
         """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active."""
         if name in self.lora_A:
             self.delete_adapter(name)
-        weight = self.base_weight()
+        weight = self.weight
         # Adapters over a half-precision base train in fp32, as PEFT does.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         shape_A, shape_B = self.adapter_shapes(self.base_layer, r, **self.adapter_options())
@@ -114,9 +114,6 @@ class LoraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def original_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter."""
