@@ -21,7 +21,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakit.adapters import set_adapter
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.inject import (
     TargetError,
@@ -279,7 +278,6 @@ def load_adapter(
             else:
                 target = params[_internal_name(params, part)]
             target.copy_(tensor.to(target.dtype))
-    set_adapter(model, adapter_name)
     if not trainable:  # inference use, as PEFT's from_pretrained: nothing trains
         model.requires_grad_(False)
     return model
