@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lorakit.errors import LorakitError
 from lorakit.functional import scaling
 
 BiasMode = Literal["none", "all", "lora_only"]
@@ -42,7 +43,7 @@ _UNSUPPORTED_PEFT = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(LorakitError):
     """A LoraConfig (or an adapter_config.json) is invalid; the message lists every problem."""
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch.nn as nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
 from lorakit.layers import SUPPORTED, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, is_linear, layer_class_for
 
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
@@ -15,7 +16,7 @@ HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
 CONFIGS_ATTR = "_lorakit_configs"
 
 
-class TargetError(ValueError):
+class TargetError(LorakitError):
     """target_modules / modules_to_save do not fit the model; the message lists candidates."""
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorakit.config import ConfigError, LoraConfig
+from lorakit.errors import LorakitError
 from lorakit.inject import (
     TargetError,
     adapter_configs,
@@ -40,7 +41,7 @@ FINGERPRINT_KEY = "lorakit_base_fingerprint"
 _ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 
 
-class AdapterError(ValueError):
+class AdapterError(LorakitError):
     """An adapter folder cannot be saved or loaded; the message says why and what to do."""
 
 
