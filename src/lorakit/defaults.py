@@ -30,3 +30,23 @@ def offline(quiet: bool = True) -> None:
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+
+
+_MODELS = Path(__file__).parent / "models"
+
+
+def default_causal_lm_path() -> Path:
+    """Folder of the shipped small GPT-2-style model trained on SST-2 text (config, tokenizer, safetensors).
+
+    Loads offline with `transformers.AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer`.
+    """
+    path = _MODELS / "sst2-gpt"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json; rebuild it with: python tools/train_sst2_gpt.py model")
+    return path
+
+
+def default_causal_lm_adapters() -> dict[str, Path]:
+    """The two shipped LoRA adapters (PEFT format) for `default_causal_lm_path()`: positive and negative SST-2 text."""
+    root = _MODELS / "sst2-gpt-adapters"
+    return {name: root / name for name in ("positive", "negative")}
