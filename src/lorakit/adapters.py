@@ -44,7 +44,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def merge(model: nn.Module) -> None:
     """Fold the active adapters into the base weights (zero added latency). Safe to call twice."""
-    for _, layer in _layers_or_fail(model):
+    layers = _layers_or_fail(model)
+    for _, layer in layers:  # refuse before any layer changes: a half-merged model helps nobody
+        layer.check_mergeable()
+    for _, layer in layers:
         layer.merge()
 
 
@@ -73,7 +76,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and put the plain base modules back: the result has no
     lorakit module left and `save_pretrained` writes an ordinary checkpoint."""
-    for name, layer in _layers_or_fail(model):
+    layers = _layers_or_fail(model)
+    for _, layer in layers:
+        if not layer.disabled:
+            layer.check_mergeable()
+    for name, layer in layers:
         if not layer.disabled:
             layer.merge()
         layer._original_weight = None  # drop the unmerged copy: nothing can unmerge now
