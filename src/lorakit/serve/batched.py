@@ -1,0 +1,385 @@
+"""Mixed-adapter batches: many LoRA adapters over one frozen base, one adapter per batch row.
+
+Every hooked linear layer holds its adapters in fixed slots of two stacked tensors,
+A (slots + 1, r_max, d_in) and Bt (slots + 1, r_max, d_out) with the scaling folded into Bt
+and ranks zero-padded; the last slot stays all zero and serves rows on the base. A forward
+hook adds, for the whole batch at once, `x[i] @ A[id_i].T @ Bt[id_i]` with one gather and two
+batched matmuls (`functional.add_lora_gathered`): no Python loop over adapters and no
+merging, so a batch of 32 rows on 32 adapters costs what a batch on one adapter costs.
+Per-adapter heads (`modules_to_save`, e.g. BERT's classifier) are stacked and gathered the
+same way; rows on the base use the base head.
+
+Thread safety: loading writes a free slot completely, then publishes the name -> slot
+mapping under a lock; `use()` resolves names under that lock and holds a reference on its
+slots, so an unloaded or replaced adapter's slot is only reused once no batch reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lorakit.config import LoraConfig
+from lorakit.functional import add_lora_gathered
+from lorakit.inject import find_targets, walk
+from lorakit.io import FINGERPRINT_KEY, AdapterError, base_fingerprint, read_adapter
+from lorakit.layers import LoraLayer, is_linear
+from lorakit.layers.linear import linear_dims
+
+
+class UnknownAdapterError(AdapterError):
+    """A request names an adapter that is not loaded (or registered)."""
+
+
+class NoFreeSlotError(AdapterError):
+    """Every adapter slot is taken (by pinned adapters or running batches)."""
+
+
+@dataclass
+class AdapterPlan:
+    """A validated adapter folder, ready to be written into a slot (nothing in the model changed)."""
+
+    path: Path
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # name -> A, B, scale
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # head name -> {param: tensor}
+
+
+class _Target:
+    """Stacked adapters of one hooked linear layer (buffers on the module, so `.to()` moves them)."""
+
+    def __init__(self, name: str, module: nn.Module, slots: int, max_rank: int) -> None:
+        self.name, self.module = name, module
+        self.d_in, self.d_out = linear_dims(module)
+        self.rank = 0  # the largest rank resident here: the matmuls use only A[:, :rank]
+        weight = module.weight
+        module.register_buffer("lorakit_multi_A", weight.new_zeros(slots + 1, max_rank, self.d_in), persistent=False)
+        module.register_buffer("lorakit_multi_Bt", weight.new_zeros(slots + 1, max_rank, self.d_out), persistent=False)
+
+
+class _Head:
+    """A per-adapter copy of a linear head, stacked over slots; the last slot holds the base head."""
+
+    def __init__(self, name: str, module: nn.Linear, slots: int) -> None:
+        self.name, self.module = name, module
+        module.register_buffer(
+            "lorakit_multi_W", module.weight.detach().unsqueeze(0).repeat(slots + 1, 1, 1), persistent=False
+        )
+        bias = module.bias
+        stacked = None if bias is None else bias.detach().unsqueeze(0).repeat(slots + 1, 1)
+        module.register_buffer("lorakit_multi_b", stacked, persistent=False)
+
+
+class MultiLoraModel:
+    """Up to `slots` adapters in stacked tensors per target layer of a frozen base model.
+
+    `model` is hooked in place (and returned as `.model`); outside `use()` it computes
+    exactly the base model. Inside `with multi.use(["a", None, "b"]):` every forward (and
+    `model.generate`) gives row i the adapter named at position i (None: the base).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        slots: int = 16,
+        max_rank: int = 64,
+        target_modules: list[str] | str = "all-linear",
+    ) -> None:
+        if not isinstance(slots, int) or slots < 1 or not isinstance(max_rank, int) or max_rank < 1:
+            raise AdapterError(f"slots={slots!r}, max_rank={max_rank!r}: both must be positive integers")
+        if any(isinstance(m, LoraLayer) for m in model.modules()):
+            raise AdapterError("the model already holds lorakit LoRA layers; give MultiLoraModel the plain base model")
+        found = find_targets(model, LoraConfig(target_modules=target_modules))
+        others = [f"{n} ({type(m).__name__})" for n, m in found if not is_linear(m)]
+        if others:
+            raise AdapterError(
+                f"target_modules={target_modules!r} matches non-linear modules {', '.join(others[:5])}; "
+                "mixed-adapter batches support nn.Linear and Conv1D targets only"
+            )
+        self.model = model
+        self.slots, self.max_rank = slots, max_rank
+        self.base_slot = slots  # the always-zero slot for rows on the base
+        self.targets = {n: _Target(n, m, slots, max_rank) for n, m in found}
+        self.heads: dict[str, _Head] = {}
+        self._lock = threading.Lock()  # guards the maps below; held only briefly
+        self._write_lock = threading.Lock()  # one loader at a time
+        self._local = threading.local()  # per-thread row -> slot ids of the running batch
+        self._slot_of: dict[str, int] = {}
+        self._path_of: dict[str, Path] = {}
+        self._ranks: dict[int, dict[str, int]] = {}  # occupied slot -> layer -> rank
+        self._free = list(range(slots - 1, -1, -1))
+        self._refs: Counter[int] = Counter()  # slot -> number of running batches using it
+        self._retired: set[int] = set()  # replaced/unloaded slots waiting for their batches
+        self._handles = [
+            t.module.register_forward_hook(self._lora_hook(t), with_kwargs=True) for t in self.targets.values()
+        ]
+
+    # --- the forward --------------------------------------------------------------------------
+    def _lora_hook(self, target: _Target):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            ids = getattr(self._local, "ids", None)
+            if ids is None or target.rank == 0:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            ids = _rows(ids, x.shape[0])
+            r = target.rank
+            return add_lora_gathered(output, x, module.lorakit_multi_A[:, :r], module.lorakit_multi_Bt[:, :r], ids)
+
+        return hook
+
+    def _head_hook(self, head: _Head):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+            ids = getattr(self._local, "ids", None)
+            if ids is None:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            ids = _rows(ids, x.shape[0])
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            weight = module.lorakit_multi_W.index_select(0, ids).transpose(1, 2)
+            if module.lorakit_multi_b is None:
+                out = torch.bmm(x3, weight)
+            else:
+                out = torch.baddbmm(module.lorakit_multi_b.index_select(0, ids).unsqueeze(1), x3, weight)
+            return out.view(output.shape)
+
+        return hook
+
+    @contextmanager
+    def use(self, adapters: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, batch row i of every forward uses adapter `adapters[i]` (None: the base).
+
+        A batch whose size is a multiple k of len(adapters) (generate's num_return_sequences)
+        repeats each entry k times, as Hugging Face expands rows. Names unknown here raise
+        UnknownAdapterError before anything runs.
+        """
+        with self._lock:
+            unknown = [a for a in adapters if a is not None and a not in self._slot_of]
+            if unknown:
+                raise UnknownAdapterError(
+                    f"adapter(s) {sorted(set(unknown))} not loaded; loaded: {sorted(self._slot_of) or 'none'}"
+                )
+            slots = [self.base_slot if a is None else self._slot_of[a] for a in adapters]
+            self._refs.update(slots)
+        on_base = all(s == self.base_slot for s in slots)
+        device = next(iter(self.targets.values())).module.lorakit_multi_A.device
+        ids = None if on_base else torch.tensor(slots, dtype=torch.long, device=device)
+        previous = getattr(self._local, "ids", None)
+        self._local.ids = ids
+        try:
+            yield
+        finally:
+            self._local.ids = previous
+            with self._lock:
+                self._refs.subtract(slots)
+                for slot in set(slots) & self._retired:
+                    if self._refs[slot] <= 0:
+                        self._release(slot)
+
+    # --- loading ------------------------------------------------------------------------------
+    def prepare(self, path: str | Path, *, force: bool = False) -> AdapterPlan:
+        """Read and check an adapter folder against this model; raise AdapterError listing every
+        problem. Nothing changes. `force` skips the base-fingerprint check."""
+        config, tensors, metadata = read_adapter(path)
+        plan, problems = AdapterPlan(Path(path)), []
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        heads = dict(walk(self.model))
+        for key, tensor in tensors.items():
+            if "lora_magnitude_vector" in key:
+                raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                problems.append(f"{key} is not a finite floating-point tensor")
+                continue
+            for part in ("A", "B"):
+                if key.endswith(f".lora_{part}.weight"):
+                    pairs.setdefault(key.removesuffix(f".lora_{part}.weight"), {})[part] = tensor
+                    break
+            else:
+                if ".lora_embedding_" in key:
+                    problems.append(f"{key}: LoRA on embeddings is not supported in mixed batches")
+                    continue
+                module_name, _, pname = key.rpartition(".")
+                module = heads.get(module_name)
+                saved = config.modules_to_save or []
+                if module is None or not any(module_name == s or module_name.endswith("." + s) for s in saved):
+                    problems.append(
+                        f"unexpected key {key} (adapters that change base weights or biases outside "
+                        "modules_to_save cannot share a base in mixed batches)"
+                    )
+                elif not isinstance(module, nn.Linear) or pname not in ("weight", "bias"):
+                    problems.append(f"{key}: only nn.Linear heads can be swapped per row (got {type(module).__name__})")
+                elif getattr(module, pname) is None or tuple(getattr(module, pname).shape) != tuple(tensor.shape):
+                    problems.append(f"{key} has shape {tuple(tensor.shape)}, the model's {module_name}.{pname} differs")
+                else:
+                    plan.heads.setdefault(module_name, {})[pname] = tensor
+        for name, pair in pairs.items():
+            target = self.targets.get(name)
+            if target is None:
+                problems.append(f"{name} is adapted but not hooked here; construct MultiLoraModel with it targeted")
+            elif set(pair) != {"A", "B"}:
+                problems.append(f"{name}: lora_{'B' if 'A' in pair else 'A'}.weight is missing")
+            else:
+                A, B = pair["A"], pair["B"]
+                r = A.shape[0]
+                if A.dim() != 2 or B.dim() != 2 or A.shape[1] != target.d_in or tuple(B.shape) != (target.d_out, r):
+                    problems.append(
+                        f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
+                        f"({target.d_out} x {target.d_in}) with one rank"
+                    )
+                elif r > self.max_rank:
+                    problems.append(f"{name}: rank {r} exceeds max_rank={self.max_rank}; construct with a larger one")
+                elif r != config.rank_for(name):
+                    problems.append(f"{name}: rank {r} disagrees with the config's {config.rank_for(name)}")
+                else:
+                    plan.layers[name] = (A, B, config.scaling_for(name))
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise AdapterError(f"{path} cannot be served here: {shown}")
+        if not plan.layers and not plan.heads:
+            raise AdapterError(f"{path} holds no LoRA weights for this model")
+        expected = metadata.get(FINGERPRINT_KEY)
+        if expected and not force:
+            actual = base_fingerprint({n: self.targets[n].module.weight for n in plan.layers})
+            if actual != expected:
+                raise AdapterError(
+                    f"{path} was made for a different base model (fingerprint {expected} != {actual}); "
+                    "serve the base it was trained on, or pass force=True"
+                )
+        return plan
+
+    def load(self, name: str, path: str | Path, *, force: bool = False) -> None:
+        """Load the PEFT/lorakit adapter folder `path` into a free slot as `name`.
+
+        Validated fully before anything changes. Loading a name again with the same path does
+        nothing; with a new path the new adapter replaces the old one atomically (batches
+        already running keep the old weights until they finish).
+        """
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter name {name!r}: give a non-empty string")
+        with self._lock:
+            if self._path_of.get(name) == Path(path):
+                return
+        plan = self.prepare(path, force=force)
+        self.load_plan(name, plan)
+
+    def load_plan(self, name: str, plan: AdapterPlan) -> None:
+        """Write an already validated plan (from `prepare`) into a free slot and publish it as `name`."""
+        with self._write_lock:
+            with self._lock:
+                if not self._free:
+                    raise NoFreeSlotError(
+                        f"all {self.slots} adapter slots are taken ({sorted(self._slot_of)}); "
+                        "unload one or construct MultiLoraModel with more slots"
+                    )
+                slot = self._free.pop()
+            try:
+                self._write_slot(slot, plan)
+            except BaseException:
+                with self._lock:
+                    self._free.append(slot)
+                raise
+            ranks = {n: A.shape[0] for n, (A, _, _) in plan.layers.items()}
+            with self._lock:
+                self._ranks[slot] = ranks
+                for layer, r in ranks.items():  # widen before publishing: the slot is fully written
+                    self.targets[layer].rank = max(self.targets[layer].rank, r)
+                old = self._slot_of.get(name)
+                self._slot_of[name], self._path_of[name] = slot, plan.path
+                if old is not None:
+                    self._retire(old)
+
+    def unload(self, name: str) -> None:
+        """Remove adapter `name`; its slot is reused once no running batch reads it."""
+        with self._lock:
+            if name not in self._slot_of:
+                raise UnknownAdapterError(f"adapter {name!r} not loaded; loaded: {sorted(self._slot_of) or 'none'}")
+            slot = self._slot_of.pop(name)
+            del self._path_of[name]
+            self._retire(slot)
+
+    def names(self) -> list[str]:
+        """The loaded adapters' names, sorted."""
+        with self._lock:
+            return sorted(self._slot_of)
+
+    def path_of(self, name: str) -> Path | None:
+        """The folder adapter `name` was loaded from (None when not loaded)."""
+        with self._lock:
+            return self._path_of.get(name)
+
+    def free_slots(self) -> int:
+        """Slots a new adapter can take now."""
+        with self._lock:
+            return len(self._free)
+
+    def close(self) -> nn.Module:
+        """Remove the hooks and the stacked buffers; the model is the plain base again."""
+        for handle in self._handles:
+            handle.remove()
+        for t in self.targets.values():
+            del t.module.lorakit_multi_A, t.module.lorakit_multi_Bt
+        for h in self.heads.values():
+            del h.module.lorakit_multi_W, h.module.lorakit_multi_b
+        self._handles.clear()
+        return self.model
+
+    # --- internals (callers hold the locks noted) -----------------------------------------------
+    def _write_slot(self, slot: int, plan: AdapterPlan) -> None:
+        """Fill every layer's and head's slot: the adapter's weights, zeros / base head elsewhere."""
+        with torch.no_grad():
+            for name, target in self.targets.items():
+                A_all, Bt_all = target.module.lorakit_multi_A, target.module.lorakit_multi_Bt
+                if name not in plan.layers:
+                    A_all[slot].zero_()
+                    Bt_all[slot].zero_()
+                    continue
+                A, B, scale = plan.layers[name]
+                r = A.shape[0]
+                A_all[slot, r:].zero_()
+                Bt_all[slot, r:].zero_()
+                A_all[slot, :r].copy_(A)
+                Bt_all[slot, :r].copy_(B.t().to(torch.float64).mul(scale))
+            for head_name in plan.heads:
+                if head_name not in self.heads:
+                    module = dict(walk(self.model))[head_name]
+                    head = self.heads[head_name] = _Head(head_name, module, self.slots)
+                    self._handles.append(module.register_forward_hook(self._head_hook(head), with_kwargs=True))
+            for head_name, head in self.heads.items():
+                params = plan.heads.get(head_name, {})
+                base = self.base_slot
+                head.module.lorakit_multi_W[slot].copy_(params.get("weight", head.module.lorakit_multi_W[base]))
+                if head.module.lorakit_multi_b is not None:
+                    head.module.lorakit_multi_b[slot].copy_(params.get("bias", head.module.lorakit_multi_b[base]))
+
+    def _retire(self, slot: int) -> None:  # holds self._lock
+        if self._refs[slot] > 0:
+            self._retired.add(slot)
+        else:
+            self._release(slot)
+
+    def _release(self, slot: int) -> None:  # holds self._lock
+        self._retired.discard(slot)
+        self._ranks.pop(slot, None)
+        self._free.append(slot)
+        for name, target in self.targets.items():  # narrow the matmuls to the ranks still resident
+            target.rank = max((ranks.get(name, 0) for ranks in self._ranks.values()), default=0)
+
+
+def _rows(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-row slot ids for a batch of `batch` rows (generate may repeat each row k times)."""
+    if batch == ids.shape[0]:
+        return ids
+    if batch % ids.shape[0]:
+        raise AdapterError(
+            f"the batch has {batch} rows but use() named {ids.shape[0]} adapters; give one entry per row"
+        )
+    return ids.repeat_interleave(batch // ids.shape[0])
+
+
+__all__ = ["MultiLoraModel", "AdapterPlan", "UnknownAdapterError", "NoFreeSlotError"]
