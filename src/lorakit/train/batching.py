@@ -1,0 +1,76 @@
+"""Batches: length-grouped batch plans and dynamic padding (never to a fixed maximum length).
+
+A plan is a list of *global* batches (example indices) for one epoch, a pure function of
+(lengths, batch size, seed, epoch): every process of a distributed run computes the same plan
+and takes its own slice, and a resumed run finds its place by the step number alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from lorakit.train.data import IGNORE_INDEX, Example
+
+# Examples are sorted by length inside windows of this many batches: batches have little
+# padding, yet their order (and each batch's mix) stays random from epoch to epoch.
+GROUP_WINDOW = 50
+
+
+def plan_epoch(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """Global batches of example indices for `epoch`: shuffled, then (optionally) sorted by
+    length within windows of GROUP_WINDOW batches, and the batch order shuffled again."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * GROUP_WINDOW
+        grouped = []
+        for start in range(0, len(order), window):
+            grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
+        order = grouped
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        # Keep the longest batch first: a memory problem shows at step 1, not hours in.
+        head, rest = batches[:1], batches[1:]
+        rng.shuffle(rest)
+        batches = head + rest
+    return batches
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This process's part of a global batch (every world-th example)."""
+    return batch[rank::world]
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask padded on the right to the batch's longest example, and
+    labels (a class id per example, or token labels padded with IGNORE_INDEX)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_labels = not isinstance(examples[0].label, int)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        mask[row, :n] = 1
+        if token_labels:
+            labels[row, :n] = torch.tensor(example.label)
+    if not token_labels:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_id_of(tokenizer) -> int:
+    """The padding token id: the tokenizer's pad, else its eos, else 0 (masked out anyway)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,101 @@
+"""Run outputs: metrics.jsonl (one line per log step), loss.png, summary.json, and sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Appends one JSON line per log step; on resume, drops lines after the checkpoint."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        self.path = path
+        lines = []
+        if keep_until_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step:
+                    lines.append(line)
+        write_atomically(path, "".join(line + "\n" for line in lines))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (flushed, so a killed run keeps every finished line)."""
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far."""
+        text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Pretty JSON, written atomically."""
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, eval_key: str = "eval_loss") -> None:
+    """loss.png: training loss per log step and, where evaluated, the eval loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in worker threads
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r[eval_key]) for r in records if eval_key in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".loss.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 when it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
