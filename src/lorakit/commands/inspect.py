@@ -1,0 +1,163 @@
+"""Describe an adapter folder without loading a model.
+
+Shows the LoRA settings, every adapted module with its rank and shapes, the saved head
+modules, parameter counts, file sizes, the base-model fingerprint lorakit recorded, and
+whether PEFT can load the folder (its config is read with `peft.LoraConfig` when PEFT is
+installed, and the tensor names are checked against PEFT's layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HELP = "describe an adapter folder: settings, ranks per module, parameters, size, PEFT compatibility"
+
+_LORA_SUFFIXES = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_embedding_A": "A",
+    "lora_embedding_B": "B",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `lorakit inspect`."""
+    parser.add_argument("adapter", nargs="?", metavar="DIR", help="the adapter folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the description of the adapter folder."""
+    from lorakit.cli import require
+
+    require(args, "adapter")
+    report = describe(args.adapter)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_as_text(report))
+    return 0
+
+
+def describe(adapter: str | Path) -> dict[str, Any]:
+    """Everything `lorakit inspect` shows, as a JSON-ready dict. Raises AdapterError for a
+    folder that is not a readable adapter."""
+    from lorakit.io import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, read_adapter
+
+    folder = Path(adapter)
+    config, tensors, metadata = read_adapter(folder)
+    raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    modules: dict[str, dict[str, Any]] = defaultdict(dict)
+    saved: dict[str, int] = defaultdict(int)
+    for key, tensor in tensors.items():
+        for suffix, part in _LORA_SUFFIXES.items():
+            if key.endswith("." + suffix):
+                modules[key.removesuffix("." + suffix)][part] = list(tensor.shape)
+                break
+        else:
+            saved[key.rpartition(".")[0]] += tensor.numel()  # a saved head or bias: trained in full
+    targets = []
+    for name in sorted(modules):
+        shapes = modules[name]
+        rank = shapes["A"][0] if "A" in shapes else None  # A is (r, in ...) for every layer kind, as in PEFT
+        params = sum(_numel(s) for s in shapes.values())
+        targets.append({"module": name, "rank": rank, "A": shapes.get("A"), "B": shapes.get("B"), "params": params})
+    lora_params = sum(t["params"] for t in targets)
+    saved_params = sum(saved.values())
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+    return {
+        "path": str(folder),
+        "peft_type": raw.get("peft_type", "LORA"),
+        "task_type": raw.get("task_type"),
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "r": config.r,
+        "alpha": config.alpha,
+        "dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "bias": config.bias,
+        "target_modules": config.target_modules,
+        "modules_to_save": config.modules_to_save,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "targets": targets,
+        "saved_modules": {name: n for name, n in sorted(saved.items())},
+        "params": {"lora": lora_params, "saved_modules": saved_params, "total": lora_params + saved_params},
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "files": files,
+        "weights_bytes": files.get(WEIGHTS_NAME, 0),
+        "base_fingerprint": metadata.get(FINGERPRINT_KEY),
+        "peft": peft_check(folder, raw, tensors),
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def peft_check(folder: Path, raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """{"loadable": bool, "checked_with": ..., "problems": [...]}: PEFT's own config class reads
+    the config (when PEFT is installed), and every tensor name follows PEFT's layout."""
+    problems = []
+    if raw.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {raw.get('peft_type')!r}, PEFT needs 'LORA' in adapter_config.json")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            problems.append(f"adapter_config.json has no {key!r}")
+    lora_keys = [k for k in tensors if any(k.endswith("." + s) for s in _LORA_SUFFIXES)]
+    if not lora_keys:
+        problems.append("no lora_A / lora_B tensors in the weights file")
+    odd = [k for k in lora_keys if ".lora_A.default." in k or ".lora_B.default." in k]
+    if odd:
+        problems.append(f"tensor names carry an adapter name ({odd[0]}); PEFT files do not")
+    checked_with = "names only (peft is not installed)"
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        checked_with = f"peft {peft.__version__}"
+        try:
+            loaded = peft.LoraConfig.from_pretrained(str(folder))
+            if int(loaded.r) != int(raw.get("r", -1)):
+                problems.append(f"PEFT reads r={loaded.r}, the file says {raw.get('r')}")
+        except Exception as err:  # PEFT raises many types for configs it cannot read
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(f"peft.LoraConfig.from_pretrained fails: {first}")
+    return {"loadable": not problems, "checked_with": checked_with, "problems": problems}
+
+
+def _as_text(report: dict[str, Any]) -> str:
+    kib = report["weights_bytes"] / 1024
+    peft = report["peft"]
+    verdict = "yes" if peft["loadable"] else "NO: " + "; ".join(peft["problems"])
+    targets = report["target_modules"]
+    lines = [
+        f"adapter        {report['path']}",
+        f"type           {report['peft_type']} ({report['task_type'] or 'no task type'})",
+        f"base model     {report['base_model_name_or_path'] or 'not recorded'}",
+        f"fingerprint    {report['base_fingerprint'] or 'none (not written by lorakit)'}",
+        f"rank, alpha    r={report['r']}, alpha={report['alpha']}"
+        + (" (rsLoRA)" if report["use_rslora"] else "")
+        + f", dropout {report['dropout']}, bias {report['bias']}",
+        f"targets        {', '.join(targets) if isinstance(targets, list) else targets}",
+        f"parameters     {report['params']['total']:,} ({report['params']['lora']:,} LoRA"
+        + f" + {report['params']['saved_modules']:,} in saved modules), {', '.join(report['dtypes'])}",
+        f"weights file   {kib:,.1f} KiB",
+        f"PEFT loadable  {verdict} (checked with {peft['checked_with']})",
+        f"adapted modules ({len(report['targets'])}):",
+    ]
+    width = max((len(t["module"]) for t in report["targets"]), default=10)
+    for t in report["targets"]:
+        lines.append(f"  {t['module']:<{width}}  r={t['rank']:<4} A{tuple(t['A'] or ())} B{tuple(t['B'] or ())}")
+    if report["saved_modules"]:
+        lines.append("saved modules (trained in full):")
+        for name, count in report["saved_modules"].items():
+            lines.append(f"  {name:<{width}}  {count:,} parameters")
+    return "\n".join(lines)
