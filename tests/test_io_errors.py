@@ -140,9 +140,9 @@ def test_peft_type_not_lora(adapter):
 
 
 def test_config_problems_are_listed_together(adapter):
-    edit_config(adapter, peft_type="LOHA", use_dora=True, r=None)
+    edit_config(adapter, peft_type="LOHA", lora_bias=True, r=None)
     message = assert_refused(adapter, "peft_type='LOHA'")
-    assert "use_dora=true" in message and "'r' is missing" in message
+    assert "lora_bias=True" in message and "'r' is missing" in message
 
 
 def test_invalid_config_values_are_listed_together(adapter):

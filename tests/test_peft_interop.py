@@ -330,7 +330,6 @@ def test_peft_save_embedding_layers_true_with_untargeted_embeddings(arch, kwargs
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"use_dora": True}, "use_dora=true: DoRA adapters are not supported"),
         ({"lora_bias": True}, "lora_bias=True: a bias on lora_B is not supported"),
         # Same tensors as plain LoRA, but PEFT applies them only from the invocation tokens on.
         (
@@ -339,7 +338,7 @@ def test_peft_save_embedding_layers_true_with_untargeted_embeddings(arch, kwargs
         ),
         ({"layers_to_transform": [1]}, "layers_to_transform=[1]: adapting only some layers"),
     ],
-    ids=["dora", "lora-bias", "alora", "layers-to-transform"],
+    ids=["lora-bias", "alora", "layers-to-transform"],
 )
 # lora_bias on Llama's bias-free layers: PEFT warns about merging and mistakes its own 1-D
 # lora_B.bias for an unsharded ZeRO-3 tensor when saving.

@@ -10,7 +10,7 @@ from lorakit.errors import LorakitError
 from lorakit.functional import scaling
 
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Literal["kaiming", "gaussian"]
+InitMode = str  # "kaiming", "gaussian", "pissa" or "pissa_niter_<N>"
 
 # adapter_config.json keys lorakit reads; everything else PEFT writes is ignored on load.
 _PEFT_TO_LORAKIT = {
@@ -25,6 +25,7 @@ _PEFT_TO_LORAKIT = {
     "rank_pattern": "rank_pattern",
     "alpha_pattern": "alpha_pattern",
     "fan_in_fan_out": "fan_in_fan_out",
+    "use_dora": "use_dora",
 }
 
 # PEFT settings that change what the adapter computes (or which modules it covers) beyond plain
@@ -63,7 +64,11 @@ class LoraConfig:
         use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.
         rank_pattern: per-module rank overrides, {name suffix or regex: r}.
         alpha_pattern: per-module alpha overrides, {name suffix or regex: alpha}.
-        init: initialisation of A (B starts at zero): "kaiming" (uniform) or "gaussian".
+        init: initialisation of A (B starts at zero): "kaiming" (uniform) or "gaussian"; or PiSSA:
+            "pissa" (A, B from the top-r singular vectors of W0, which keeps the residual) or
+            "pissa_niter_<N>" (the same from a randomized SVD with N subspace iterations).
+        use_dora: weight-decomposed LoRA (DoRA): a learned magnitude per output times the
+            row-normalised W0 + dW (linear layers only).
         fan_in_fan_out: the target stores its weight as (in, out); detected for HF Conv1D.
         enable_lora: fused projections where only some slices are adapted, as loralib's
             MergedLinear: {name suffix: [True, False, True]} adapts q and v of GPT-2's c_attn.
@@ -81,6 +86,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init: InitMode = "kaiming"
     fan_in_fan_out: bool = False
+    use_dora: bool = False
     enable_lora: dict[str, list[bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,8 +111,10 @@ class LoraConfig:
             problems.append(f"dropout={self.dropout!r}: must be in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias={self.bias!r}: must be one of 'none', 'all', 'lora_only'")
-        if self.init not in ("kaiming", "gaussian"):
-            problems.append(f"init={self.init!r}: must be 'kaiming' or 'gaussian'")
+        if not is_init_mode(self.init):
+            problems.append(f"init={self.init!r}: must be 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_<N>' (N >= 1)")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora={self.use_dora!r}: must be true or false")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -177,7 +185,7 @@ class LoraConfig:
             "modules_to_save": self.modules_to_save,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "fan_in_fan_out": self.fan_in_fan_out,
@@ -193,12 +201,14 @@ class LoraConfig:
         problems = []
         if data.get("peft_type", "LORA") != "LORA":
             problems.append(f"peft_type={data.get('peft_type')!r}: lorakit reads LoRA adapters only ('LORA')")
-        if data.get("use_dora"):
-            problems.append("use_dora=true: DoRA adapters are not supported by this version of lorakit")
         for key, what in _UNSUPPORTED_PEFT.items():
             if data.get(key):
                 problems.append(f"{key}={data[key]!r}: {what} is not supported by this version of lorakit")
         init = data.get("init_lora_weights", True)
+        # A PiSSA file holds plain factors for the residual base it was trained on: loading
+        # never re-runs the SVD (that would change the base), so it reads as plain LoRA.
+        if isinstance(init, str) and init.startswith("pissa"):
+            init = True
         if init not in (True, False, "gaussian"):
             problems.append(f"init_lora_weights={init!r}: only plain LoRA initialisations are supported")
         if "r" not in data:
@@ -217,6 +227,13 @@ class LoraConfig:
             return cls(**kwargs)
         except (ConfigError, TypeError) as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def is_init_mode(init: Any) -> bool:
+    """True for "kaiming", "gaussian", "pissa" and "pissa_niter_<N>" with N >= 1."""
+    if init in ("kaiming", "gaussian", "pissa"):
+        return True
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", init) is not None
 
 
 def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:

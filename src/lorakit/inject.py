@@ -126,9 +126,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     layers where needed), make it the active, trainable adapter, and return the model."""
     targets = find_targets(model, config)
     keep = find_modules_to_save(model, config)
+    not_linear = [n for n, m in targets if not is_linear(m)] if config.use_dora else []
+    if not_linear:  # checked before any module changes
+        raise TargetError(f"use_dora: DoRA adapts linear layers only, not {', '.join(not_linear[:5])}; exclude them")
     for name, module in targets:
         layer = module if isinstance(module, LoraLayer) else _wrap(module, name, config)
-        layer.add_adapter(adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init)
+        layer.add_adapter(
+            adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init, config.use_dora
+        )
         if layer is not module:
             model.set_submodule(name, layer)
     adapter_configs(model)[adapter_name] = config
@@ -147,6 +152,9 @@ def mark_trainable(
         if adapter_name in layer.lora_A:
             layer.lora_A[adapter_name].requires_grad_(True)
             layer.lora_B[adapter_name].requires_grad_(True)
+            magnitudes = getattr(layer, "lora_magnitude_vector", {})  # DoRA
+            if adapter_name in magnitudes:
+                magnitudes[adapter_name].requires_grad_(True)
             if bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if bias == "all":

@@ -33,6 +33,7 @@ from lorakit.inject import (
     walk,
 )
 from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, layer_class_for
+from lorakit.layers.linear import linear_dims
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,6 +92,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             alpha_pattern[name] = scale * (A.shape[0] ** 0.5 if config.use_rslora else A.shape[0])
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):  # DoRA, PEFT's key
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
     task_type = _task_type(model)
     saved = find_modules_to_save(model, config)
     heads = _task_heads(model, task_type, [n for n, _ in targets + saved])
@@ -276,6 +279,8 @@ def load_adapter(
         for module_name, part, tensor in assignments:
             if part in ("A", "B"):
                 target = (layers[module_name].lora_A if part == "A" else layers[module_name].lora_B)[adapter_name]
+            elif part == "M":  # DoRA magnitude
+                target = layers[module_name].lora_magnitude_vector[adapter_name]
             else:
                 target = params[_internal_name(params, part)]
             target.copy_(tensor.to(target.dtype))
@@ -331,6 +336,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         suffix = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         expected[f"{name}.{suffix[0]}"] = ((name, "A"), shape_A)
         expected[f"{name}.{suffix[1]}"] = ((name, "B"), shape_B)
+        if config.use_dora and not embedding:
+            expected[f"{name}.lora_magnitude_vector"] = ((name, "M"), (linear_dims(base)[1],))
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
     tables = _embedding_keys(model)
     for name, module in keep:

@@ -19,6 +19,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from lorakit.errors import UsageError
+from lorakit.layers import dora
+
 
 class LoraLayer(nn.Module):
     """Base class of every LoRA layer family; subclasses define shapes, init and maths."""
@@ -68,8 +71,13 @@ class LoraLayer(nn.Module):
         return {}
 
     # --- adapters ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming") -> None:
-        """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active."""
+    def add_adapter(
+        self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming", use_dora: bool = False
+    ) -> None:
+        """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active.
+        `use_dora` adds a DoRA magnitude (layers/dora.py; linear layers only)."""
+        if use_dora:
+            dora.check_supported(self)  # before anything changes
         if name in self.lora_A:
             self.delete_adapter(name)
         weight = self.weight
@@ -80,6 +88,8 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.empty(shape_B, dtype=dtype, device=weight.device))
         self.rank[name], self.scaling[name], self.dropout_p[name] = r, scale, float(dropout)
         self.reset_adapter(name, init)
+        if use_dora:
+            dora.init_magnitude(self, name)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
         self._refresh()
@@ -92,6 +102,9 @@ class LoraLayer(nn.Module):
             self.unmerge()
         del self.lora_A[name], self.lora_B[name]
         del self.rank[name], self.scaling[name], self.dropout_p[name]
+        magnitudes = getattr(self, "lora_magnitude_vector", None)  # DoRA (linear layers)
+        if magnitudes is not None and name in magnitudes:
+            del magnitudes[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._refresh()
 
@@ -112,6 +125,20 @@ class LoraLayer(nn.Module):
 
     # --- merge / unmerge / disable ----------------------------------------------------------
     @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored quantized (bitsandbytes 4-bit, lorakit.quant): no merge."""
+        return hasattr(self.base_layer.weight, "quant_state")
+
+    def check_mergeable(self) -> None:
+        """Raise UsageError when the base weight cannot take a merge (a quantized base)."""
+        if self.quantized:
+            raise UsageError(
+                f"cannot merge into a quantized (4-bit) base weight of {type(self.base_layer).__name__}: re-quantising "
+                "W0 + dW would lose most of the adapter; merge into a dequantised copy instead: "
+                "lorakit.quant.dequantize_model(model), then merge"
+            )
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
@@ -125,6 +152,7 @@ class LoraLayer(nn.Module):
         todo = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
         if not todo:
             return
+        self.check_mergeable()
         current = self.base_layer.weight
         merged = current.detach().clone()
         for name in todo:

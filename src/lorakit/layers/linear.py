@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import functional as LF
+from lorakit.layers import dora, pissa
 from lorakit.layers.base import LoraLayer
 
 
@@ -34,6 +35,7 @@ class LoraLinear(LoraLayer):
             )
         self.enable_lora = enable_lora
         self._weight_cache: tuple | None = None  # (key, merged weight) for unmerged inference
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA magnitudes by adapter (layers/dora.py)
 
     @staticmethod
     def adapter_shapes(base: nn.Module, r: int, enable_lora: list[bool] | None = None):
@@ -53,13 +55,28 @@ class LoraLinear(LoraLayer):
             return B
         return LF.expand_fused_B(B, self.enable_lora, self.out_features)
 
+    def reset_adapter(self, name: str, init: str) -> None:
+        if init.startswith("pissa"):
+            try:
+                pissa.init_pissa(self, name, init)
+            except pissa.PissaError:
+                self.delete_adapter(name)  # leave the layer as it was before add_adapter
+                raise
+        else:
+            super().reset_adapter(name, init)
+
     def delta_weight(self, name: str) -> torch.Tensor:
+        if dora.is_dora(self, name):
+            return dora.delta_weight(self, name)
         delta = LF.delta_weight(self.lora_A[name], self.full_B(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        if self.lora_magnitude_vector and any(n in self.lora_magnitude_vector for n in names):
+            return dora.forward(self, x, names)  # its own fused training path and merged inference
         dropout_on = self.training and any(self.dropout_p[n] for n in names)
-        if not dropout_on and self._fly_merge_pays(x):
+        # A quantized base has no dense weight to add dW to: the factored path only.
+        if not dropout_on and not self.quantized and self._fly_merge_pays(x):
             weight = self.base_layer.weight
             if not torch.is_grad_enabled():  # inference: one matmul with W + dW
                 return self._base_forward(x, self._cached_merged_weight(names))
@@ -87,7 +104,9 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         for name in names:
             A, B = self.lora_A[name].to(weight.dtype), self.full_B(name).to(weight.dtype)
-            if self.fan_in_fan_out:
+            if dora.is_dora(self, name):
+                weight = weight + self.delta_weight(name).to(weight.dtype)
+            elif self.fan_in_fan_out:
                 weight = torch.addmm(weight, A.t(), B.t(), alpha=self.scaling[name])
             else:
                 weight = torch.addmm(weight, B, A, alpha=self.scaling[name])
