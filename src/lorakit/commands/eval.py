@@ -1,0 +1,100 @@
+"""Evaluate a trained adapter on a data file: accuracy and macro-F1 (classify) or loss and
+perplexity (causal-lm). The task and the label set come from the adapter (its lorakit card,
+else its adapter_config.json and saved head).
+
+  lorakit eval --adapter runs/sst2/adapter --data dev.tsv
+  lorakit eval --model ./gpt --adapter runs/chat --data test.jsonl --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lorakit.errors import UsageError
+
+HELP = "evaluate an adapter on a data file (accuracy / macro-F1, or loss / perplexity)"
+_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `lorakit eval`."""
+    parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
+    parser.add_argument("--adapter", metavar="DIR", help="adapter folder, or a `lorakit train` run folder")
+    parser.add_argument("--data", metavar="FILE", help="evaluation data: .jsonl, .csv or .tsv")
+    parser.add_argument("--text-column", default="text", help="text column (default: text, else sentence)")
+    parser.add_argument("--label-column", default="label", help="label column for classify (default: label)")
+    parser.add_argument("--prompt-column", help="causal-lm: prompt column")
+    parser.add_argument("--completion-column", help="causal-lm: completion column")
+    parser.add_argument("--max-length", type=int, default=256, help="truncate examples to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def adapter_folder(given: str) -> Path:
+    """The adapter folder itself, or the adapter/ of a run folder."""
+    path = Path(given)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
+def adapter_task(folder: Path) -> tuple[str, list[str] | None, str | None]:
+    """(task, label names or None, base model path or None) of an adapter folder."""
+    import lorakit
+    from lorakit.train.model import HEAD_NAMES, read_card
+
+    config, tensors, _ = lorakit.read_adapter(folder)  # validates the folder: AdapterError if broken
+    card = read_card(folder)
+    data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    task = card.get("task") or _TASKS.get(data.get("task_type") or "")
+    if task is None:
+        raise UsageError(
+            f"{folder}: task_type {data.get('task_type')!r} is not one lorakit evaluates (SEQ_CLS, CAUSAL_LM)"
+        )
+    labels = card.get("labels")
+    if task == "classify" and not labels:
+        heads = [t for k, t in tensors.items() if k.split(".")[-2] in HEAD_NAMES and k.endswith("weight")]
+        heads += [t for k, t in tensors.items() if k.endswith("out_proj.weight")]  # RoBERTa-style heads
+        if not heads:
+            raise UsageError(f"{folder}: a classification adapter without a saved head; nothing to evaluate")
+        labels = [str(i) for i in range(heads[-1].shape[0])]
+    base = data.get("base_model_name_or_path")
+    return task, labels, base
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load base + adapter, evaluate, print the metrics."""
+    import lorakit
+    from lorakit.cli import require
+    from lorakit.train.data import CausalLMData, ClassificationData, read_table
+    from lorakit.train.evaluate import evaluate
+    from lorakit.train.model import load_model, load_tokenizer, model_path
+
+    require(args, "adapter", "data")
+    folder = adapter_folder(args.adapter)
+    task, labels, base = adapter_task(folder)
+    given = args.model or (base if base and (Path(base) / "config.json").is_file() else None)
+    path = model_path(given, task)
+    tokenizer = load_tokenizer(path)
+    rows = read_table(args.data)
+    common = {"text_column": args.text_column, "max_length": args.max_length, "path": args.data}
+    if task == "classify":
+        data = ClassificationData.from_rows(rows, tokenizer, label_column=args.label_column, labels=labels, **common)
+    else:
+        data = CausalLMData.from_rows(
+            rows, tokenizer, prompt_column=args.prompt_column, completion_column=args.completion_column, **common
+        )
+    model = load_model(path, task, labels)
+    lorakit.load_adapter(model, folder)  # AdapterError for an adapter made for another base
+    metrics = evaluate(model, tokenizer, data, batch_size=args.batch_size)
+    metrics["examples"] = len(data)
+    if args.json:
+        print(json.dumps({"task": task, **metrics}))
+    else:
+        print(f"{task} on {args.data} ({len(data)} examples):")
+        for key, value in metrics.items():
+            if key != "examples":
+                print(f"  {key:<11} {value:.4f}")
+    return 0

@@ -1,0 +1,378 @@
+"""The training loop: AdamW with warm-up and decay, accumulation, DDP, eval, best adapter, checkpoints.
+
+Losses are sums over examples (or predicted tokens) divided by the whole optimizer step's
+count, known in advance from the batch plan. So gradient accumulation, any number of DDP
+processes and a resumed run all compute the same step as one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import lorakit
+from lorakit.errors import UsageError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
+from lorakit.train.batching import collate, pad_id_of, plan_epoch, shard
+from lorakit.train.config import TrainConfig, lora_config_from_args
+from lorakit.train.data import CausalLMData, ClassificationData, read_table, split_rows
+from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
+from lorakit.train.metrics import BEST_METRIC
+from lorakit.train.model import head_names, load_model, load_tokenizer, model_path, write_card
+from lorakit.train.report import SUMMARY_FILE, MetricsLog, folder_bytes, peak_memory, plot_losses, write_json
+
+OUTPUTS = ("adapter", "model", ckpt.CHECKPOINT_DIR, "metrics.jsonl", "loss.png", SUMMARY_FILE, "train_config.json")
+STOP_HOOK = "LORAKIT_TEST_STOP_AFTER_STEP"  # tests: die (as if killed) right after this step
+
+
+def build_datasets(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None]:
+    """(train, eval or None) tokenized; every data problem is a DataError before anything is written."""
+    rows = read_table(config.train)
+    eval_rows, eval_path = None, config.eval
+    if config.eval:
+        eval_rows = read_table(config.eval)
+    elif config.eval_split:
+        rows, eval_rows = split_rows(rows, config.eval_split, config.seed)
+        eval_path = f"{config.train} (held-out split)"
+    common = {"text_column": config.text_column, "max_length": config.max_length}
+    if config.task == "classify":
+        train = ClassificationData.from_rows(
+            rows, tokenizer, label_column=config.label_column, path=config.train, **common
+        )
+        held = None
+        if eval_rows is not None:
+            held = ClassificationData.from_rows(
+                eval_rows, tokenizer, label_column=config.label_column, labels=train.labels, path=eval_path, **common
+            )
+        return train, held
+    lm = {"prompt_column": config.prompt_column, "completion_column": config.completion_column, **common}
+    train = CausalLMData.from_rows(rows, tokenizer, path=config.train, **lm)
+    held = CausalLMData.from_rows(eval_rows, tokenizer, path=eval_path, **lm) if eval_rows is not None else None
+    return train, held
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished or unfinished run unless told to (nothing is deleted here)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
+    finished = (out / SUMMARY_FILE).is_file()
+    pending = (out / ckpt.CHECKPOINT_DIR / ckpt.STATE_FILE).is_file()
+    if resume:
+        if finished and not pending:
+            raise UsageError(f"--resume: the run in {out} has finished; nothing to resume (use --overwrite to redo it)")
+        return
+    if overwrite:
+        return
+    if finished:
+        raise UsageError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another folder")
+    if pending:
+        raise UsageError(f"--out {out} holds an unfinished run; pass --resume to continue it or --overwrite")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32) for --precision on this device."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    if precision == "fp16" and not cuda:
+        raise UsageError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak lr at each step: linear warm-up, then linear or cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+class Trainer:
+    """One training run of TrainConfig `config`; `run()` returns the summary dict."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.out = Path(config.out)
+        self.dist = distributed.setup()
+        check_out_dir(self.out, config.resume, config.overwrite)
+        self.base = model_path(config.model, config.task)
+        self.tokenizer = load_tokenizer(self.base)
+        self.train_data, self.eval_data = build_datasets(config, self.tokenizer)
+        self.labels = getattr(self.train_data, "labels", None)
+        self.autocast = resolve_precision(config.precision, self.dist.device)
+        if self.autocast is torch.bfloat16 and self.dist.device.type == "cpu":
+            print("lorakit train: bf16 on this CPU is emulated and much slower than fp32", file=sys.stderr)
+        torch.manual_seed(config.seed)  # the fresh head and the LoRA A matrices
+        random.seed(config.seed)
+        self.model = load_model(self.base, config.task, self.labels, config.model_dropout)
+        if config.full:
+            self.model.requires_grad_(True)
+            self.lora = None
+        else:
+            heads = head_names(self.model) if config.task == "classify" else []
+            self.lora = lora_config_from_args(config, head=heads)
+            lorakit.inject(self.model, self.lora)
+        self.model.to(self.dist.device)
+        if self.dist.rank:  # different dropout masks per process, same initial weights
+            torch.manual_seed(config.seed + 7919 * self.dist.rank)
+
+    # --- the plan ---------------------------------------------------------------------------
+    def _plan(self) -> None:
+        c = self.config
+        self.global_batch = c.batch_size * self.dist.world
+        self.lengths = [len(e.input_ids) for e in self.train_data.examples]
+        self.batches_per_epoch = math.ceil(len(self.lengths) / self.global_batch)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / c.grad_accum)
+        self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * steps_per_epoch))
+        self.warmup_steps = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def _global_batch(self, b: int) -> list[int]:
+        """Global batch number b of the endless stream of epochs."""
+        epoch = b // self.batches_per_epoch
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: plan_epoch(self.lengths, self.global_batch, self.config.seed, epoch, self.config.group_by_length)
+            }
+        return self._plans[epoch][b % self.batches_per_epoch]
+
+    # --- saving ------------------------------------------------------------------------------
+    def _save_output(self) -> None:
+        if not self.dist.main:
+            return
+        if self.lora is None:
+            tmp = self.out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(self.out / "model", ignore_errors=True)
+            os.replace(tmp, self.out / "model")
+            return
+        folder = lorakit.save_adapter(self.model, self.out / "adapter")
+        write_card(folder, self.config.task, self.labels, str(self.base))
+
+    def _checkpoint(self, step: int, optimizer, scheduler, scaler, book: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "step": step,
+            "trainable": ckpt.trainable_state(self.model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": ckpt.rng_state(),
+            "book": book,
+            "world": self.dist.world,
+        }
+        ckpt.save_checkpoint(self.out, state)
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train, evaluate, save; returns the summary (also written to DIR/summary.json)."""
+        try:
+            return self._run()
+        finally:
+            distributed.teardown(self.dist)
+
+    def _run(self) -> dict[str, Any]:
+        c, d = self.config, self.dist
+        self._plan()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(c.schedule, self.warmup_steps, self.total_steps)
+        )
+        scaler = torch.amp.GradScaler("cuda") if self.autocast is torch.float16 else None
+        book: dict[str, Any] = {"best": None, "best_step": None, "bad_evals": 0, "train_time": 0.0}
+        book.update({"win_loss": 0.0, "win_weight": 0, "win_examples": 0, "win_time": 0.0, "examples": 0})
+        start = 0
+        if c.resume:
+            state = ckpt.load_checkpoint(self.out)
+            if state.get("world", 1) != d.world:
+                raise UsageError(
+                    f"--resume: the checkpoint was made by {state.get('world')} processes; resume with as many"
+                )
+            ckpt.restore_trainable(self.model, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            ckpt.set_rng_state(state["rng"])
+            book.update(state["book"])
+            start = state["step"]
+        elif d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in OUTPUTS if c.overwrite else ():  # only lorakit's own outputs, never other files
+                target = self.out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            write_json(self.out / "train_config.json", {k: v for k, v in vars(c).items() if k != "extra"})
+        d.barrier()
+        log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=start) if d.main else None
+
+        wrapped: nn.Module = self.model
+        if c.compile:
+            wrapped = torch.compile(wrapped, dynamic=True)
+        if d.world > 1:
+            ids = [d.local_rank] if d.device.type == "cuda" else None
+            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        metric, higher = BEST_METRIC[c.task]
+        pad = pad_id_of(self.tokenizer)
+        weights = [e.weight for e in self.train_data.examples]
+        stop_after = int(os.environ.get(STOP_HOOK, "0") or 0)
+        bar = tqdm(
+            total=self.total_steps, initial=start, desc="training", unit="step", disable=not (d.main and c.progress)
+        )
+        began = time.perf_counter()
+        last_eval: dict[str, float] | None = None
+        self.model.train()
+        step = start
+        for step in range(start + 1, self.total_steps + 1):
+            tick = time.perf_counter()
+            first = (step - 1) * c.grad_accum
+            micro = [self._global_batch(b) for b in range(first, first + c.grad_accum)]
+            total_weight = sum(weights[i] for batch in micro for i in batch)
+            local_loss = 0.0
+            for j, batch_ids in enumerate(micro):
+                local, scale = shard(batch_ids, d.rank, d.world), 1.0
+                if not local:  # a short last batch: join DDP's all-reduce with a zero contribution
+                    local, scale = batch_ids[:1], 0.0
+                batch = collate([self.train_data.examples[i] for i in local], pad, d.device)
+                sync = d.world == 1 or j == len(micro) - 1
+                with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    with torch.autocast(d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                        logits = forward_logits(wrapped, batch)
+                    summed = loss_sum(logits, batch["labels"]) * scale
+                    loss = summed * (d.world / total_weight)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                local_loss += float(summed.detach())
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if c.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (step_loss,) = d.all_sum([local_loss])
+            n_examples = sum(len(b) for b in micro)
+            elapsed = time.perf_counter() - tick
+            book["win_loss"] += step_loss
+            book["win_weight"] += total_weight
+            book["win_examples"] += n_examples
+            book["win_time"] += elapsed
+            book["examples"] += n_examples
+            book["train_time"] += elapsed
+
+            evaluated = self.eval_data is not None and (
+                step == self.total_steps or (c.eval_every and step % c.eval_every == 0)
+            )
+            stop = False
+            if evaluated:
+                last_eval = evaluate(
+                    self.model,
+                    self.tokenizer,
+                    self.eval_data,
+                    batch_size=c.eval_batch_size,
+                    device=d.device,
+                    autocast_dtype=self.autocast,
+                )
+                value = last_eval[metric]
+                if book["best"] is None or (value > book["best"] if higher else value < book["best"]):
+                    book.update(best=value, best_step=step, bad_evals=0, best_eval=last_eval)
+                    self._save_output()
+                else:
+                    book["bad_evals"] += 1
+                    stop = bool(c.early_stopping) and book["bad_evals"] >= c.early_stopping
+            if evaluated or step % max(c.log_every, 1) == 0 or step == self.total_steps or stop:
+                record = {
+                    "step": step,
+                    "epoch": round(first / self.batches_per_epoch + len(micro) / self.batches_per_epoch, 4),
+                    "loss": book["win_loss"] / max(book["win_weight"], 1),
+                    "lr": lr,
+                    "examples_per_s": book["win_examples"] / max(book["win_time"], 1e-9),
+                }
+                if evaluated:
+                    record.update({f"eval_{k}": v for k, v in last_eval.items()})
+                if log is not None:
+                    log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
+                book.update(win_loss=0.0, win_weight=0, win_examples=0, win_time=0.0)
+            bar.update(1)
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and step < self.total_steps and not stop:
+                self._checkpoint(step, optimizer, scheduler, scaler, book)
+            if stop_after and step == stop_after:
+                os._exit(75)  # the test hook: vanish like a killed process, no clean-up
+            if stop:
+                break
+        bar.close()
+        if self.eval_data is None:
+            self._save_output()
+        return self._finish(step, book, last_eval, time.perf_counter() - began)
+
+    def _finish(self, step: int, book: dict[str, Any], last_eval: dict | None, wall: float) -> dict[str, Any]:
+        report = lorakit.parameter_report(self.model)
+        output = self.out / ("model" if self.lora is None else "adapter")
+        summary: dict[str, Any] = {
+            "task": self.config.task,
+            "model": str(self.base),
+            "steps": step,
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world,
+            "train_examples": len(self.train_data),
+            "examples_seen": book["examples"],
+            "wall_time_s": wall,
+            "train_time_s": book["train_time"],
+            "examples_per_s": book["examples"] / max(book["train_time"], 1e-9),
+            "trainable_params": report["trainable"],
+            "total_params": report["total"],
+            "trainable_percent": report["percent"],
+            "adapter_bytes": folder_bytes(output),
+            "output": str(output),
+            "precision": str(self.autocast or "fp32").replace("torch.", ""),
+            "device": str(self.dist.device),
+            "final_eval": last_eval,
+            "best_eval": book.get("best_eval"),
+            "best_step": book["best_step"],
+            **peak_memory(),
+        }
+        if self.dist.main:
+            records = MetricsLog.__new__(MetricsLog)
+            records.path = self.out / "metrics.jsonl"
+            plot_losses(records.records(), self.out / "loss.png")
+            write_json(self.out / SUMMARY_FILE, summary)
+            shutil.rmtree(self.out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
+        return summary
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run `config` (see TrainConfig) and return the summary written to DIR/summary.json."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError("train() takes a lorakit.train.TrainConfig")
+    return Trainer(config).run()

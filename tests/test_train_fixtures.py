@@ -1,0 +1,110 @@
+"""Shared pieces of the training tests: tiny model folders (random weights, the packaged
+MiniLM's tokenizer) and small labelled data files. Nothing here is a test itself."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.defaults import default_model_path, offline
+
+WORDS = {
+    "pos": ["good", "great", "fine", "happy", "lovely"],
+    "neg": ["bad", "awful", "sad", "poor", "ugly"],
+    "neu": ["table", "chair", "window", "paper", "door"],
+}
+FILLER = ["the", "a", "movie", "was", "very", "quite", "and", "it", "story", "day"]
+
+
+def make_rows(n: int, seed: int = 0, labels: tuple[str, ...] = ("pos", "neg", "neu")) -> list[dict[str, str]]:
+    """n labelled sentences of varied length; the label is readable from a key word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(1, 12))]
+        words.insert(rng.randint(0, len(words)), rng.choice(WORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_tsv(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("text", "label")) -> Path:
+    lines = ["\t".join(columns)] + ["\t".join(r[c] for c in columns) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    offline()
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved as a Hugging Face folder."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_bert_dir(tmp_path_factory) -> Path:
+    """The same architecture with other random weights (an adapter for bert_dir does not fit)."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert-other")
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (n_embd 32) over MiniLM's vocabulary, saved with that tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt")
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    config = GPT2Config(
+        vocab_size=30522,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cls_files(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.tsv with 96 rows, dev.tsv with 30 rows), three labels."""
+    folder = tmp_path_factory.mktemp("cls-data")
+    return write_tsv(folder / "train.tsv", make_rows(96, 0)), write_tsv(folder / "dev.tsv", make_rows(30, 1))
