@@ -1,0 +1,229 @@
+"""The generation engine: continuous batching with one adapter per row, against independent references.
+
+The reference for a row is the same prompt run alone, with its adapter merged into a fresh copy
+of the base (lorakit load_adapter + merge_and_unload) and greedy decoding by full recomputation
+(no KV cache, no padding, no batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lorakit import LoraConfig, inject
+from lorakit.adapters import merge_and_unload
+from lorakit.io import load_adapter, save_adapter
+from lorakit.serve import AdapterRegistry, MultiLoraModel
+from lorakit.serve.engine import Engine, RequestError, SamplingParams
+
+SENTENCES = [
+    "the cat sat on the mat and the dog ran in the park",
+    "a good movie with a fine story and great actors",
+    "a bad film with a slow plot and poor acting",
+    "we went to the sea and saw the boats and birds",
+]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+BUILDERS = {"gpt2": tiny.gpt2, "llama": tiny.llama}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' 100 ids: [EOS] (0, their eos), [UNK], the words of a
+    few sentences, then filler words w<i>, so that every id the model can emit decodes to text."""
+    words = ["[EOS]", "[UNK]", *dict.fromkeys(" ".join(SENTENCES).split())]
+    words += [f"w{i}" for i in range(100 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", unk_token="[UNK]", pad_token="[EOS]")
+
+
+def make_adapter(build, folder: Path, *, r: int, seed: int, rslora: bool = False) -> Path:
+    """A random adapter (B not zero, so it changes the outputs) on all linear layers, saved in PEFT format."""
+    model = inject(build(0), LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", use_rslora=rslora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_adapter(model, folder)
+
+
+@functools.cache
+def setup(arch: str, root: str) -> dict:
+    """Tokenizer and two adapters (r=4, and r=8 with rsLoRA) for one architecture, made once."""
+    build = BUILDERS[arch]
+    folder = Path(root) / arch
+    adapters = {
+        "a": make_adapter(build, folder / "a", r=4, seed=1),
+        "b": make_adapter(build, folder / "b", r=8, seed=2, rslora=True),
+    }
+    return {"build": build, "tokenizer": make_tokenizer(), "adapters": adapters}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("engine"))
+
+
+def start_engine(arch: str, root: str, **kwargs) -> Engine:
+    s = setup(arch, root)
+    multi = MultiLoraModel(s["build"](0), slots=4, max_rank=8)
+    registry = AdapterRegistry(multi)
+    for name, path in s["adapters"].items():
+        registry.register(name, path)
+    return Engine(multi, s["tokenizer"], registry=registry, **kwargs).start()
+
+
+@functools.cache
+def merged(arch: str, root: str, adapter: str | None) -> torch.nn.Module:
+    s = setup(arch, root)
+    model = s["build"](0)
+    if adapter is not None:
+        model = merge_and_unload(load_adapter(model, s["adapters"][adapter]))
+    return model.eval()
+
+
+def reference(arch: str, root: str, adapter: str | None, prompt: str, n: int) -> list[int]:
+    """Greedy tokens by full recomputation on the merged model: no cache, no padding, no batch."""
+    model = merged(arch, root, adapter)
+    ids = setup(arch, root)["tokenizer"](prompt)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(token)
+    return out
+
+
+PROMPTS = [
+    ("a", "the cat sat on the mat"),
+    ("b", "a good movie"),
+    (None, "we went to the sea and saw the boats"),
+    ("a", "bad"),
+    ("b", "the dog ran in the park and the cat"),
+]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mixed_batch_equals_each_alone_merged(arch, root):
+    with start_engine(arch, root) as engine:
+        jobs = [engine.submit(prompt, adapter, GREEDY) for adapter, prompt in PROMPTS]
+        results = [job.result(timeout=60) for job in jobs]
+        assert engine.max_rows_seen >= 2  # they really shared batches
+    for (adapter, prompt), result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == reference(arch, root, adapter, prompt, GREEDY.max_tokens), (adapter, prompt)
+        assert result.finish_reason == "length"
+    # the adapters matter: the same prompt differs across adapters
+    outs = {a: reference(arch, root, a, "a good movie", 10) for a in ("a", "b", None)}
+    assert len({tuple(v) for v in outs.values()}) == 3
+
+
+def test_request_joining_midway_gets_the_same_tokens(root):
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    with start_engine("gpt2", root) as engine:
+        first = engine.submit("the cat sat on the mat", "a", long)
+        stream = first.stream()
+        for _ in range(5):  # the first request is decoding now
+            next(stream)
+        assert first.completion is None
+        second = engine.submit("a good movie with", "b", GREEDY)
+        third = engine.submit("we went", None, GREEDY)
+        rest = "".join(stream)
+        results = [first.completion, second.result(timeout=60), third.result(timeout=60)]
+        assert engine.max_rows_seen == 3
+    assert results[0].token_ids == reference("gpt2", root, "a", "the cat sat on the mat", 30)
+    assert results[1].token_ids == reference("gpt2", root, "b", "a good movie with", 10)
+    assert results[2].token_ids == reference("gpt2", root, None, "we went", 10)
+    assert rest  # streaming went on after the others joined
+
+
+def test_sampling_with_a_seed_is_reproducible_alone_and_in_a_batch(root):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    with start_engine("llama", root) as engine:
+        alone = engine.generate("the cat", "a", params).token_ids
+        again = engine.generate("the cat", "a", params).token_ids
+        crowd = [engine.submit(p, a, GREEDY) for a, p in PROMPTS]
+        batched = engine.submit("the cat", "a", params)
+        assert batched.result(timeout=60).token_ids == alone
+        [job.result(timeout=60) for job in crowd]
+        other = engine.generate("the cat", "a", SamplingParams(**{**params.__dict__, "seed": 8})).token_ids
+        # a nucleus so small it holds one token is greedy decoding
+        tiny_p = SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-9, seed=3, ignore_eos=True)
+        nucleus = engine.generate("the cat", "a", tiny_p).token_ids
+    assert alone == again
+    assert other != alone
+    assert nucleus == reference("llama", root, "a", "the cat", 10)
+
+
+def test_stop_sequences_cut_the_text_and_streaming_matches(root):
+    with start_engine("gpt2", root) as engine:
+        full = engine.generate("a good movie", "b", GREEDY)
+        words = full.text.split()
+        stop = words[3]  # a word that first appears at position 3 or earlier
+        cut = full.text[: full.text.find(stop)]
+        job = engine.submit("a good movie", "b", SamplingParams(**{**GREEDY.__dict__, "stop": ["zzz", stop]}))
+        streamed = "".join(job.stream())
+        stopped = job.completion
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == cut and streamed == cut
+    assert stop not in stopped.text
+    assert len(stopped.token_ids) < GREEDY.max_tokens
+
+
+def test_streaming_deltas_join_to_the_text_and_eos_stops(root):
+    s = setup("llama", root)
+    with start_engine("llama", root) as engine:
+        job = engine.submit("the cat", None, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        deltas = list(job.stream())
+        assert "".join(deltas) == job.completion.text == s["tokenizer"].decode(job.completion.token_ids)
+        assert len(deltas) > 1
+        # make a token the greedy path meets the end-of-sequence token: decoding stops just before it
+        full = job.completion.token_ids
+        eos = next(t for t in full if t != full[0])
+        engine.eos_ids = {eos}
+        ends = engine.generate("the cat", None, SamplingParams(max_tokens=20, temperature=0))
+    assert ends.finish_reason == "stop"
+    assert ends.token_ids == full[: full.index(eos)]
+
+
+def test_bad_requests_are_refused_before_they_run(root):
+    with start_engine("gpt2", root) as engine:
+        long_prompt = " ".join(["the"] * 64)  # the tiny GPT-2 has 64 positions
+        with pytest.raises(RequestError, match="context"):
+            engine.submit(long_prompt, None, GREEDY)
+        with pytest.raises(RequestError, match="max_tokens") as err:
+            engine.submit("the cat", None, SamplingParams(max_tokens=63, temperature=0))
+        assert err.value.param == "max_tokens"
+        with pytest.raises(RequestError, match="temperature"):
+            engine.submit("the cat", None, SamplingParams(temperature=3.0))
+        with pytest.raises(ValueError, match="not registered"):
+            engine.submit("the cat", "nope", GREEDY)
+        # the engine still serves, and no pin leaked from the refused requests
+        assert engine.generate("the cat", "a", GREEDY).token_ids == reference("gpt2", root, "a", "the cat", 10)
+        assert engine.registry.pinned() == {}
+
+
+def test_cancelled_request_leaves_the_batch(root):
+    with start_engine("gpt2", root, max_batch=2) as engine:
+        long = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        job = engine.submit("the", "a", long)
+        next(job.stream())
+        job.cancel()
+        assert job.result(timeout=30).finish_reason == "cancelled"
+        assert len(job.completion.token_ids) < 50
+        other = engine.submit("the cat", "b", GREEDY)
+        assert other.result(timeout=30).token_ids == reference("gpt2", root, "b", "the cat", 10)
+        assert engine.registry.pinned() == {}
+
+
+def test_swap_mode_serves_one_adapter_per_batch(root):
+    with start_engine("gpt2", root, mode="swap") as engine:
+        jobs = [engine.submit(prompt, adapter, GREEDY) for adapter, prompt in PROMPTS]
+        results = [job.result(timeout=60) for job in jobs]
+    for (adapter, prompt), result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == reference("gpt2", root, adapter, prompt, GREEDY.max_tokens)
