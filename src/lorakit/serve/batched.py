@@ -187,6 +187,8 @@ class MultiLoraModel:
         """Read and check an adapter folder against this model; raise AdapterError listing every
         problem. Nothing changes. `force` skips the base-fingerprint check."""
         config, tensors, metadata = read_adapter(path)
+        if getattr(config, "use_dora", False):  # DoRA rescales W + dW per output: not a gathered low-rank add
+            raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
         plan, problems = AdapterPlan(Path(path)), []
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         heads = dict(walk(self.model))
