@@ -1,0 +1,170 @@
+"""QLoRA: frozen base linear weights stored in 4-bit NF4 (bitsandbytes), LoRA trained on top.
+
+`quantize_model` swaps the targeted nn.Linear (and HF Conv1D) modules for bitsandbytes
+`Linear4bit` with NF4 codes and double quantisation (the per-block absmax scales are themselves
+quantised to 8 bits); embeddings, layer norms and output heads stay in full precision. Then
+`lorakit.inject` works as usual: LoraLinear wraps a Linear4bit like any nn.Linear, its adapter
+parameters stay fp32 and get the only gradients.
+
+A 4-bit base cannot take a merge (W0 + dW re-quantised loses most of dW), so merging is refused;
+`dequantize_model` turns the NF4 weights back into dense ones, into which the adapters merge.
+bitsandbytes is optional: importing this module works without it, using it says what to install.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.config import LoraConfig
+from lorakit.errors import UsageError
+from lorakit.inject import find_targets, lora_layers, walk
+from lorakit.layers import LoraLayer
+
+
+def bnb_available() -> bool:
+    """True when bitsandbytes can be imported."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UsageError(
+            "4-bit quantisation needs bitsandbytes: pip install 'bitsandbytes>=0.45' (its CPU backend works)"
+        ) from None
+    return bitsandbytes
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a module whose weight is a bitsandbytes quantized parameter (e.g. Linear4bit)."""
+    return hasattr(getattr(module, "weight", None), "quant_state")
+
+
+def quantize_model(
+    model: nn.Module,
+    targets: list[str] | str = "all-linear",
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = True,
+    blocksize: int = 64,
+) -> nn.Module:
+    """Replace the `targets` linear layers of `model` by 4-bit NF4 `Linear4bit`, in place.
+
+    `targets` selects modules as LoraConfig.target_modules does ("all-linear" leaves the output
+    head / classifier alone); embeddings and layer norms are never quantized. Call it before
+    `lorakit.inject`. Returns the model.
+    """
+    bnb = _bnb()
+    if lora_layers(model):
+        raise UsageError("quantize_model must run before lorakit.inject: quantize the plain base, then add adapters")
+    found = find_targets(model, LoraConfig(target_modules=targets))
+    for name, module in found:
+        if is_quantized(module) or not isinstance(module, nn.Linear | Conv1D):
+            continue
+        weight = module.weight.detach()
+        # Conv1D stores (in, out) and computes x @ W: Linear4bit with W^T computes the same.
+        weight = weight.t() if isinstance(module, Conv1D) else weight
+        out_features, in_features = weight.shape
+        quantized = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            quant_storage=torch.uint8,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            weight.contiguous().clone(),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=double_quant,
+            blocksize=blocksize,
+        )
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        # bitsandbytes' bf16-packed CPU inference path (AVX512-BF16 machines only) computes in
+        # bf16; keep the fp32 maths this module promises, identical in training and inference.
+        quantized.support_avx512bf16_for_cpu = False
+        quantized = quantized.to(weight.device)  # moving a Params4bit to a device quantises it
+        quantized.train(module.training)
+        model.set_submodule(name, quantized)
+    return model
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight (out, in) a Linear4bit computes with, in the dtype it was quantized from."""
+    bnb = _bnb()
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference packing
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), state)
+    return bnb.functional.dequantize_4bit(data, state).to(state.dtype)
+
+
+def _dense_copy(module: nn.Module) -> nn.Linear:
+    weight = dequantize_weight(module)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().clone().to(weight.dtype), requires_grad=False)
+    dense.train(module.training)
+    return dense
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every 4-bit layer by an nn.Linear holding its dequantised weight, in place.
+
+    LoRA layers keep their adapters and now wrap the dense layer, so `lorakit.merge` works:
+    the merged model computes what the unmerged one over the 4-bit base computed. Returns the model.
+    """
+    for name, module in list(walk(model)):
+        if isinstance(module, LoraLayer) and is_quantized(module.base_layer):
+            module.base_layer = _dense_copy(module.base_layer)
+            module._refresh()
+        elif name and is_quantized(module):
+            model.set_submodule(name, _dense_copy(module))
+    return model
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: nn.Module) -> dict[str, int | float]:
+    """Bytes of the model's base parameters as stored, against the same model all in fp32.
+
+    Quantized weights count their packed 4-bit codes plus the quantisation state saved with them
+    (absmax scales, nested scales, code books). LoRA adapter parameters are left out: the figure
+    is the frozen base's memory. Keys: quantized_layers, base_bytes, fp32_bytes, ratio.
+    """
+    adapter_params = {
+        id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()
+    }
+    stored = fp32 = layers = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen or id(param) in adapter_params:
+                continue
+            seen.add(id(param))
+            state = getattr(param, "quant_state", None)
+            if state is None:
+                stored += _tensor_bytes(param)
+                fp32 += param.numel() * 4
+                continue
+            layers += 1
+            stored += _tensor_bytes(param.data)
+            stored += sum(_tensor_bytes(v) for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor))
+            fp32 += int(torch.Size(state.shape).numel()) * 4
+    return {"quantized_layers": layers, "base_bytes": stored, "fp32_bytes": fp32, "ratio": stored / max(fp32, 1)}
