@@ -142,22 +142,25 @@ class Trainer:
     # --- the plan ---------------------------------------------------------------------------
     def _plan(self) -> None:
         c = self.config
-        self.global_batch = c.batch_size * self.dist.world
+        self.global_batch = c.batch_size * self.dist.world  # one micro-batch over all processes
+        self.step_size = self.global_batch * c.grad_accum  # examples per optimizer step
         self.lengths = [len(e.input_ids) for e in self.train_data.examples]
-        self.batches_per_epoch = math.ceil(len(self.lengths) / self.global_batch)
-        steps_per_epoch = math.ceil(self.batches_per_epoch / c.grad_accum)
-        self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * steps_per_epoch))
+        self.steps_per_epoch = math.ceil(len(self.lengths) / self.step_size)
+        self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.steps_per_epoch))
         self.warmup_steps = int(c.warmup) if c.warmup >= 1 else round(c.warmup * self.total_steps)
         self._plans: dict[int, list[list[int]]] = {}
 
-    def _global_batch(self, b: int) -> list[int]:
-        """Global batch number b of the endless stream of epochs."""
-        epoch = b // self.batches_per_epoch
+    def _micro_batches(self, step: int) -> list[list[int]]:
+        """The global micro-batches of optimizer step `step` (1-based) of the endless stream of
+        epochs. The step's examples do not depend on how they are split (accumulation,
+        processes), so every split computes the same update."""
+        epoch, index = divmod(step - 1, self.steps_per_epoch)
         if epoch not in self._plans:
-            self._plans = {
-                epoch: plan_epoch(self.lengths, self.global_batch, self.config.seed, epoch, self.config.group_by_length)
-            }
-        return self._plans[epoch][b % self.batches_per_epoch]
+            c = self.config
+            self._plans = {epoch: plan_epoch(self.lengths, self.step_size, c.seed, epoch, c.group_by_length)}
+        examples = self._plans[epoch][index]
+        gb = self.global_batch
+        return [examples[i : i + gb] for i in range(0, len(examples), gb)]
 
     # --- saving ------------------------------------------------------------------------------
     def _save_output(self) -> None:
@@ -251,8 +254,7 @@ class Trainer:
         step = start
         for step in range(start + 1, self.total_steps + 1):
             tick = time.perf_counter()
-            first = (step - 1) * c.grad_accum
-            micro = [self._global_batch(b) for b in range(first, first + c.grad_accum)]
+            micro = self._micro_batches(step)
             total_weight = sum(weights[i] for batch in micro for i in batch)
             local_loss = 0.0
             for j, batch_ids in enumerate(micro):
@@ -313,7 +315,7 @@ class Trainer:
             if evaluated or step % max(c.log_every, 1) == 0 or step == self.total_steps or stop:
                 record = {
                     "step": step,
-                    "epoch": round(first / self.batches_per_epoch + len(micro) / self.batches_per_epoch, 4),
+                    "epoch": round(step / self.steps_per_epoch, 4),
                     "loss": book["win_loss"] / max(book["win_weight"], 1),
                     "lr": lr,
                     "examples_per_s": book["win_examples"] / max(book["win_time"], 1e-9),
