@@ -119,13 +119,14 @@ def _model_task(path: Path) -> str:
 
 def label_names(adapter: str | os.PathLike | None, model_config: Any, num_labels: int) -> list[str]:
     """Names of a classifier's outputs, from the first source that has exactly `num_labels`:
-    labels.json (a JSON list) in the adapter folder or its parent, `labels` in the parent's
-    summary.json, the model config's id2label; else LABEL_0, LABEL_1, ..."""
+    the adapter's lorakit model card (README.md, written by `lorakit train`), `labels` in
+    summary.json beside the adapter folder, the model config's id2label; else LABEL_0, ..."""
+    from lorakit.train.model import read_card
+
     candidates: list[Any] = []
     if adapter is not None:
         folder = Path(adapter)
-        for file in (folder / "labels.json", folder.parent / "labels.json"):
-            candidates.append(_read_json(file))
+        candidates.append(read_card(folder).get("labels"))
         summary = _read_json(folder.parent / "summary.json")
         candidates.append(summary.get("labels") if isinstance(summary, dict) else None)
     id2label = getattr(model_config, "id2label", None) or {}
@@ -160,8 +161,10 @@ def load_adapted(
     offline()
     num_labels = None
     if adapter is not None:
-        adapter_task_, num_labels = adapter_task(adapter)
-        task = task or adapter_task_
+        saved_task, num_labels = adapter_task(adapter)
+        if task and saved_task and task != saved_task:
+            raise UsageError(f"{adapter} is a {saved_task} adapter; this command needs a {task} adapter")
+        task = task or saved_task
     path = resolve_model_path(model, task or CLASSIFY)
     task = task or _model_task(path)
     config = AutoConfig.from_pretrained(path)
