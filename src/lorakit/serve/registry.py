@@ -64,6 +64,7 @@ class AdapterRegistry:
                 return
             plan = self.multi.prepare(folder)  # raises before anything changes
             if name in self._lru:  # replace in place: the engine never sees the name missing
+                self._evict_for_one(keep=name, bound=len(self._lru) + 1)  # the new copy needs a slot first
                 self.multi.load_plan(name, plan)
                 self._lru.move_to_end(name)
             elif load_now:
@@ -139,10 +140,12 @@ class AdapterRegistry:
         self.multi.load(name, self._paths[name])
         self._lru[name] = None
 
-    def _evict_for_one(self) -> None:
-        """Free room for one more resident adapter, evicting least recently used unpinned ones."""
-        while len(self._lru) >= self.max_resident or (self._lru and self.multi.free_slots() == 0):
-            victim = next((n for n in self._lru if self._pins[n] == 0), None)
+    def _evict_for_one(self, keep: str | None = None, bound: int | None = None) -> None:
+        """Free room for one more resident adapter, evicting least recently used unpinned ones
+        (never `keep`). A slot can also be held by a running batch on a replaced adapter."""
+        bound = self.max_resident if bound is None else bound
+        while len(self._lru) >= bound or (self._lru and self.multi.free_slots() == 0):
+            victim = next((n for n in self._lru if self._pins[n] == 0 and n != keep), None)
             if victim is None:
                 raise NoFreeSlotError(
                     f"all {len(self._lru)} resident adapters are pinned by running requests "

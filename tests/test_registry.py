@@ -1,0 +1,207 @@
+"""The adapter registry (lorakit.serve.AdapterRegistry) over a MultiLoraModel of a tiny GPT-2.
+
+Outputs are compared with the same adapter loaded by lorakit.load_adapter and merged, run alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import pytest
+import tiny
+import torch
+import torch.nn as nn
+
+import lorakit
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.serve import AdapterRegistry, MultiLoraModel, NoFreeSlotError, UnknownAdapterError
+
+TOL = 1e-5
+IDS = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+def make_adapter(base: nn.Module, folder, seed: int, r: int = 4) -> str:
+    """A random non-zero adapter of rank r on every linear layer of a copy of `base`, saved to `folder`."""
+    model = copy.deepcopy(base)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for B in layer.lora_B.values():
+                B.copy_(torch.randn(B.shape, generator=generator) * 0.3)
+    return str(lorakit.save_adapter(model, folder))
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return tiny.gpt2(0).eval()
+
+
+@pytest.fixture(scope="module")
+def folders(base, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(base, root / name, seed, r=4 + 2 * seed) for seed, name in enumerate("abcd")}
+
+
+@pytest.fixture(scope="module")
+def expected(base, folders) -> dict[str | None, torch.Tensor]:
+    out = {None: base(IDS).logits.detach()}
+    for name, folder in folders.items():
+        model = lorakit.merge_and_unload(lorakit.load_adapter(copy.deepcopy(base), folder))
+        out[name] = model(IDS).logits.detach()
+    return out
+
+
+def run(multi: MultiLoraModel, name: str | None) -> torch.Tensor:
+    with torch.no_grad(), multi.use([name]):
+        return multi.model(IDS).logits
+
+
+def test_lru_eviction_and_reload_on_demand(base, folders, expected):
+    multi = MultiLoraModel(copy.deepcopy(base), slots=4, max_rank=16)
+    registry = AdapterRegistry(multi, max_resident=2)
+    for name in "abc":
+        registry.register(name, folders[name], load_now=False)
+    assert registry.known() == ["a", "b", "c"] and registry.resident() == []
+    for name in "ab":
+        registry.pin(name)
+        assert (run(multi, name) - expected[name]).abs().max() <= TOL
+        registry.unpin(name)
+    registry.pin("a")  # a is now the most recently used: c's load evicts b
+    registry.unpin("a")
+    registry.pin("c")
+    assert registry.resident() == ["a", "c"] and multi.names() == ["a", "c"]
+    registry.unpin("c")
+    registry.pin("b")  # reloaded on demand, evicting a
+    assert registry.resident() == ["c", "b"]
+    assert (run(multi, "b") - expected["b"]).abs().max() <= TOL
+    registry.unpin("b")
+    with pytest.raises(UnknownAdapterError, match="not registered"):
+        registry.pin("zzz")
+    with pytest.raises(AdapterError, match="not pinned"):
+        registry.unpin("b")
+    registry.pin(None)  # the base needs no slot
+    registry.unpin(None)
+
+
+def test_pinned_adapters_are_never_evicted(base, folders, expected):
+    multi = MultiLoraModel(copy.deepcopy(base), slots=2, max_rank=16)
+    registry = AdapterRegistry(multi)
+    for name in "abc":
+        registry.register(name, folders[name], load_now=False)
+    registry.pin("a")
+    registry.pin("b")
+    with pytest.raises(NoFreeSlotError, match="pinned"):
+        registry.pin("c")
+    assert registry.resident() == ["a", "b"] and registry.pinned() == {"a": 1, "b": 1}
+    for name in "ab":
+        assert (run(multi, name) - expected[name]).abs().max() <= TOL
+    registry.unpin("b")
+    registry.pin("c")  # b was the only unpinned one
+    assert registry.resident() == ["a", "c"]
+    with pytest.raises(AdapterError, match="max_resident"):
+        AdapterRegistry(multi, max_resident=3)
+
+
+def test_same_name_twice_and_replacement(base, folders, expected):
+    multi = MultiLoraModel(copy.deepcopy(base), slots=3, max_rank=16)
+    registry = AdapterRegistry(multi)
+    registry.register("x", folders["a"])
+    registry.register("x", folders["a"])  # same path: nothing happens
+    assert multi.free_slots() == 2 and registry.resident() == ["x"]
+    registry.register("x", folders["b"])  # new path: validated, then replaces a
+    assert registry.resident() == ["x"] and multi.free_slots() == 2
+    assert (run(multi, "x") - expected["b"]).abs().max() <= TOL
+    registry.pin("x")
+    registry.remove("x")  # pinned: forgotten now, unloaded at the last unpin
+    assert registry.known() == [] and multi.names() == ["x"]
+    with pytest.raises(UnknownAdapterError):
+        registry.pin("x")
+    registry.unpin("x")
+    assert multi.names() == [] and registry.resident() == []
+    with pytest.raises(UnknownAdapterError):
+        registry.remove("x")
+
+
+def test_paths_outside_the_root_are_refused(base, folders, tmp_path):
+    root = tmp_path / "root"
+    inside = make_adapter(base, root / "in", 7)
+    registry = AdapterRegistry(MultiLoraModel(copy.deepcopy(base), slots=2, max_rank=16), root=root)
+    for bad in (folders["a"], root / ".." / "elsewhere", "../x"):
+        with pytest.raises(AdapterError, match="outside the adapter root"):
+            registry.register("bad", bad)
+    (root / "link").symlink_to(folders["a"], target_is_directory=True)  # a link out of the root
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        registry.register("bad", root / "link")
+    registry.register("ok", inside)
+    registry.register("rel", "in")  # relative paths are read under the root
+    assert registry.known() == ["ok", "rel"] and registry.path_of("rel") == (root / "in").resolve()
+
+
+def test_bad_folders_are_refused_with_the_model_untouched(base, folders, expected, tmp_path):
+    multi = MultiLoraModel(copy.deepcopy(base), slots=2, max_rank=16)
+    registry = AdapterRegistry(multi)
+    registry.register("a", folders["a"])
+    broken_json = tmp_path / "json"
+    broken_json.mkdir()
+    (broken_json / CONFIG_NAME).write_text("{not json")
+    (broken_json / WEIGHTS_NAME).write_bytes(b"")
+    truncated = tmp_path / "trunc"
+    make_adapter(base, truncated, 8)
+    data = (truncated / WEIGHTS_NAME).read_bytes()
+    (truncated / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    llama = make_adapter(tiny.llama(0), tmp_path / "llama", 9)  # another architecture
+    nan = tmp_path / "nan"
+    make_adapter(base, nan, 10)
+    config = json.loads((nan / CONFIG_NAME).read_text())
+    (nan / CONFIG_NAME).write_text(json.dumps({**config, "r": 5}))  # config disagrees with the tensors
+    buffers = {n: b.clone() for n, b in multi.model.named_buffers()}
+    for name, folder, message in [
+        ("j", broken_json, "not valid JSON"),
+        ("t", truncated, "truncated or corrupt"),
+        ("l", llama, "cannot be served here"),
+        ("n", nan, "disagrees with the config"),
+        ("a", tmp_path / "missing", "no such adapter folder"),  # a bad new path keeps the old adapter
+    ]:
+        with pytest.raises(AdapterError, match=message):
+            registry.register(name, folder)
+    assert registry.known() == ["a"] and multi.names() == ["a"] and multi.free_slots() == 1
+    assert all(torch.equal(b, buffers[n]) for n, b in multi.model.named_buffers())
+    assert (run(multi, "a") - expected["a"]).abs().max() <= TOL
+
+
+def test_concurrent_loads_never_show_a_half_loaded_adapter(base, folders, expected):
+    """One thread keeps replacing and evicting adapters; another runs forwards all the while.
+    Every forward must give exactly one adapter's output (never a mix of two, or of zeros)."""
+    multi = MultiLoraModel(copy.deepcopy(base), slots=3, max_rank=16)
+    registry = AdapterRegistry(multi, max_resident=2)
+    registry.register("x", folders["a"])
+    for name in "bcd":
+        registry.register(name, folders[name], load_now=False)
+    stop, errors, seen = threading.Event(), [], set()
+
+    def loader() -> None:
+        try:
+            for i in range(12):
+                registry.register("x", folders["ab"[i % 2]])  # replace x while forwards read it
+                registry.pin("cd"[i % 2])  # load on demand, evicting the other one
+                registry.unpin("cd"[i % 2])
+        except Exception as err:  # surfaced by the main thread
+            errors.append(err)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    while not stop.is_set() or not seen:
+        registry.pin("x")  # as a request does: x stays resident while it runs
+        out = run(multi, "x")
+        registry.unpin("x")
+        match = [n for n in "ab" if (out - expected[n]).abs().max() <= TOL]
+        assert match, "a forward saw a half-written adapter"
+        seen.add(match[0])
+    thread.join()
+    assert not errors, errors
+    assert multi.free_slots() >= 1
