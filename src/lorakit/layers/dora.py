@@ -57,6 +57,8 @@ def check_supported(layer) -> None:
             f"use_dora: lorakit has DoRA for linear layers only, not {type(layer).__name__}; "
             "target only linear modules (e.g. target_modules='all-linear')"
         )
+    if getattr(layer, "quantized", False):
+        raise DoraError("use_dora: DoRA over a quantized (4-bit) base is not supported; use plain LoRA (QLoRA)")
 
 
 def init_magnitude(layer, name: str) -> None:

@@ -1,0 +1,244 @@
+"""DoRA: the maths against dense float64 autograd, PEFT's DoRA both ways, merge / unmerge, errors.
+
+References: the DoRA formula written out densely (W' = W0 + s B A, y = m / ||W'||_row * W' x + b,
+the norm a constant for the gradient), and PEFT 0.21's DoRA on the same base and adapter weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import tiny
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.layers import LoraLinear, dora
+
+TOL = 1e-5
+BUILDERS = {"bert": tiny.bert, "gpt2": tiny.gpt2, "llama": tiny.llama}
+TARGETS = {"bert": ["query", "value", "dense"], "gpt2": ["c_attn", "c_fc", "c_proj"], "llama": ["q_proj", "down_proj"]}
+pytestmark = pytest.mark.filterwarnings("error:Found missing adapter keys")
+
+
+def base(arch: str) -> nn.Module:
+    return BUILDERS[arch](seed=0).eval()
+
+
+def randomise(model: nn.Module, seed: int = 3) -> None:
+    """Non-trivial adapter weights (a fresh DoRA adapter is the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.2)
+
+
+# 24 tokens take the merged paths (fused training function / merged inference), 5 the reference one.
+INPUTS = [torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(7)), torch.randint(0, 100, (1, 5))]
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def dense_dora(x, w0, bias, A, B, m, s):
+    """The formula, densely: W' = W0 + s B A, y = m / ||W'||_row (detached) * (x W'^T) + bias."""
+    adapted = w0 + s * B @ A
+    norm = adapted.detach().norm(dim=1)
+    y = (m / norm) * (x @ adapted.t())
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("tokens", [40, 3])  # fused autograd function / reference path
+def test_forward_and_gradients_equal_dense_float64(kind, tokens):
+    torch.manual_seed(0)
+    d_in, d_out, r, s = 12, 10, 3, 0.7
+    module = nn.Linear(d_in, d_out).double() if kind == "linear" else Conv1D(d_out, d_in).double()
+    with torch.no_grad():
+        module.bias.normal_()
+    layer = LoraLinear(module)
+    layer.add_adapter("a", r, s, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+        layer.lora_magnitude_vector["a"].mul_(torch.rand(d_out, dtype=torch.float64) + 0.5)
+    x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w0 = module.weight.t() if kind == "conv1d" else module.weight
+    params = [layer.lora_A["a"], layer.lora_B["a"], layer.lora_magnitude_vector["a"]]
+    refs = [p.detach().clone().requires_grad_(True) for p in params]
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = dense_dora(x_ref, w0.detach(), module.bias.detach(), refs[0], refs[1], refs[2], s)
+    assert torch.allclose(y, y_ref, atol=1e-12, rtol=1e-10)
+    weights = torch.randn_like(y_ref)
+    grads = torch.autograd.grad((y * weights).sum(), [x, *params])
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), [x_ref, *refs])
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_function_passes_gradcheck():
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(4, 5, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    A, B = torch.randn(2, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    m = torch.rand(4, dtype=torch.float64) + 0.5
+    A, B, m = (t.requires_grad_(True) for t in (A, B, m))
+
+    # gradcheck differentiates the norm too; the function treats it as a constant (DoRA 4.3):
+    # check x, bias and m (whose gradients do not involve the norm's derivative) numerically.
+    def f(x, bias, m):
+        return dora.DoraLinearFunction.apply(x, w0, bias, A.detach(), B.detach(), m, 0.5)
+
+    assert torch.autograd.gradcheck(f, (x, bias, m))
+
+
+@pytest.mark.parametrize("arch", BUILDERS)
+def test_fresh_dora_adapter_is_the_base(arch):
+    model = base(arch)
+    reference = [logits(model, ids) for ids in INPUTS]
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True))
+    for ids, want in zip(INPUTS, reference, strict=True):
+        assert torch.allclose(logits(model, ids), want, atol=1e-6)
+        with torch.enable_grad():
+            assert torch.allclose(logits(model, ids), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", BUILDERS)
+def test_lorakit_file_in_peft_and_peft_file_in_lorakit(arch, tmp_path):
+    ours = lorakit.inject(base(arch), lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True))
+    randomise(ours)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(base(arch), str(tmp_path / "ours")).eval()
+    for ids in INPUTS:
+        assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= TOL
+    # PEFT's own DoRA adapter, trained-looking, into lorakit.
+    peft_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True, fan_in_fan_out=arch == "gpt2"
+    )
+    peft_model = peft.get_peft_model(base(arch), peft_config).eval()
+    randomise(peft_model, seed=5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    loaded = lorakit.load_adapter(base(arch), tmp_path / "peft")
+    for ids in INPUTS:
+        assert (logits(loaded, ids) - logits(peft_model, ids)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_training_gradients_equal_peft(arch, tmp_path):
+    ours = lorakit.inject(base(arch), lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True))
+    randomise(ours)
+    lorakit.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(base(arch), str(tmp_path / "a"), is_trainable=True).eval()
+    ids = INPUTS[0]
+    weights = torch.randn(logits(ours, ids).shape)
+    (logits(ours, ids) * weights).sum().backward()
+    (logits(theirs, ids) * weights).sum().backward()
+    peft_grads = {
+        n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", ""): p.grad
+        for n, p in theirs.named_parameters()
+        if "lora_" in n
+    }
+    checked = 0
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            want = peft_grads[name.replace(".default", "")]
+            assert (param.grad - want).abs().max() <= 1e-5 * want.abs().max() + 1e-8
+            checked += 1
+    assert checked == len(peft_grads) and checked == 3 * len(lorakit.lora_layers(ours))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_merge_equals_unmerged_and_unmerge_restores_bits(arch):
+    model = lorakit.inject(base(arch), lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True))
+    randomise(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unmerged = [logits(model, ids) for ids in INPUTS]
+    lorakit.merge(model)
+    for ids, want in zip(INPUTS, unmerged, strict=True):
+        assert (logits(model, ids) - want).abs().max() <= TOL
+    lorakit.unmerge(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    plain = lorakit.merge_and_unload(model)
+    assert not lorakit.lora_layers(plain)
+    assert (logits(plain, INPUTS[0]) - unmerged[0]).abs().max() <= TOL
+
+
+def test_dora_and_plain_adapters_active_together_add_up():
+    model = base("llama")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True), "d")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, target_modules=["q_proj"]), "p")
+    randomise(model)
+    lorakit.set_adapter(model, ["d", "p"])
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(30, layer.in_features)
+    w0 = layer.base_layer.weight
+    A, B, m, s = layer.lora_A["d"], layer.lora_B["d"], layer.lora_magnitude_vector["d"], layer.scaling["d"]
+    want = dense_dora(x, w0, None, A, B, m, s) + x @ (layer.scaling["p"] * layer.lora_B["p"] @ layer.lora_A["p"]).t()
+    with torch.no_grad():
+        assert (layer(x) - want).abs().max() <= TOL  # merged inference path
+        assert (layer(x[:3]) - want[:3]).abs().max() <= TOL  # reference path
+    assert (layer(x) - want).abs().max() <= TOL  # with autograd: reference path (two adapters)
+    layer.merge()
+    with torch.no_grad():
+        assert (layer(x) - want).abs().max() <= TOL
+
+
+def test_dropout_follows_peft():
+    """With LoRA dropout PEFT computes (g - 1) W0 drop(x) + g s B A drop(x) on top of W0 x + b."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 6))
+    layer.add_adapter("a", 2, 1.5, dropout=0.5, use_dora=True)
+    randomise(layer)
+    layer.train()
+    x = torch.randn(40, 8)
+    torch.manual_seed(11)
+    y = layer(x)
+    torch.manual_seed(11)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    w0, A, B, m = layer.base_layer.weight, layer.lora_A["a"], layer.lora_B["a"], layer.lora_magnitude_vector["a"]
+    g = m / (w0 + 1.5 * B @ A).norm(dim=1)
+    want = layer.base_layer(x) + (g - 1) * (dropped @ w0.t()) + g * 1.5 * (dropped @ A.t() @ B.t())
+    assert (y - want).abs().max() <= TOL
+
+
+def test_magnitude_trains_and_saves_under_peft_key(tmp_path):
+    model = lorakit.inject(base("bert"), lorakit.LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum("lora_magnitude_vector" in n for n in trainable) == 2
+    lorakit.save_adapter(model, tmp_path / "a")
+    _, tensors, _ = lorakit.read_adapter(tmp_path / "a")
+    key = "bert.encoder.layer.0.attention.self.query.lora_magnitude_vector"
+    assert tensors[key].shape == (32,)
+    assert torch.equal(tensors[key], model.bert.encoder.layer[0].attention.self.query.lora_magnitude_vector["default"])
+
+
+def test_missing_magnitude_and_non_linear_targets_are_refused(tmp_path):
+    model = lorakit.inject(base("llama"), lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    lorakit.save_adapter(model, tmp_path / "a")
+    config = (tmp_path / "a" / "adapter_config.json").read_text()
+    plain = lorakit.inject(base("llama"), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(plain, tmp_path / "plain")
+    (tmp_path / "plain" / "adapter_config.json").write_text(config)  # says DoRA, has no magnitudes
+    fresh = base("llama")
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(lorakit.AdapterError, match="missing key .*lora_magnitude_vector"):
+        lorakit.load_adapter(fresh, tmp_path / "plain")
+    assert not lorakit.lora_layers(fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(lorakit.TargetError, match="DoRA adapts linear layers only"):
+        lorakit.inject(fresh, lorakit.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    assert not lorakit.lora_layers(fresh)
+
+
+def test_config_round_trip_and_validation():
+    config = lorakit.LoraConfig(use_dora=True)
+    assert config.to_peft_dict(None, None)["use_dora"] is True
+    assert lorakit.LoraConfig.from_peft_dict(config.to_peft_dict(None, None)).use_dora is True
+    with pytest.raises(lorakit.ConfigError, match="use_dora='yes'"):
+        lorakit.LoraConfig(use_dora="yes")
