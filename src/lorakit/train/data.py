@@ -161,8 +161,8 @@ class ClassificationData:
         path: str | Path = "",
     ) -> ClassificationData:
         """Tokenize `rows`. With `labels` given (an adapter's head), a label outside it is a DataError."""
-        text_col = find_column(rows, text_column, ("sentence", "text"), path)
-        label_col = find_column(rows, label_column, ("label",), path)
+        text_col = find_column(rows, text_column, _text_fallbacks(text_column), path)
+        label_col = find_column(rows, label_column, (), path)
         values = [r[label_col].strip() for r in rows]
         if labels is None:
             labels = label_order(values)
@@ -218,7 +218,7 @@ class CausalLMData:
                 labels = ([IGNORE_INDEX] * len(p) + c)[:max_length]
                 examples.append(Example(ids, labels))
         else:
-            col = find_column(rows, text_column, ("sentence", "text"), path)
+            col = find_column(rows, text_column, _text_fallbacks(text_column), path)
             examples = []
             for ids in _encode(tokenizer, [r[col] for r in rows], max_length):
                 if eos is not None and (not ids or ids[-1] != eos) and len(ids) < max_length:
@@ -228,6 +228,12 @@ class CausalLMData:
         if not examples:
             raise DataError(f"{path or 'data'}: no example has a token to predict (all texts or completions empty)")
         return cls(examples)
+
+
+def _text_fallbacks(text_column: str) -> tuple[str, ...]:
+    # Only the default name falls back (SST-2 style files say "sentence"); a column the user
+    # named must exist, or the error lists the columns there are.
+    return ("sentence",) if text_column == "text" else ()
 
 
 def _encode(tokenizer: Any, texts: list[str], max_length: int, special: bool = True) -> list[list[int]]:
