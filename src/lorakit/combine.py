@@ -1,0 +1,203 @@
+"""Adapter arithmetic: several LoRA adapters of one base combined into one adapter file.
+
+With weights w_i and each adapter's scaling s_i (alpha_i / r_i), per adapted module:
+
+- "cat" (exact): A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], rank = sum r_i, so
+  B @ A = sum_i w_i s_i B_i A_i exactly. Like PEFT's add_weighted_adapter "cat".
+- "svd": the best rank-R approximation (truncated SVD) of sum_i w_i s_i B_i A_i; R = --rank,
+  default the largest input rank. Like PEFT's "svd" (PEFT's is in the adapters' dtype).
+- "linear": PEFT's add_weighted_adapter "linear", reproduced exactly: the factors are mixed,
+  not the updates. With c_i = w_i s_i: A = sum_i sign(c_i) sqrt|c_i| A_i,
+  B = sum_i sqrt|c_i| B_i, rank unchanged (all inputs must have the same rank). B @ A then holds
+  the wanted sum_i c_i B_i A_i plus cross terms sqrt|c_i c_j| B_i A_j (i != j); it equals the
+  weighted sum of updates only for one adapter or adapters with disjoint factors. Use "cat"
+  for the exact sum.
+
+The result has alpha = r in every module (scaling 1; per-module ranks in rank_pattern). The
+inputs must adapt the same modules of the same base (same base fingerprint when recorded);
+modules saved in full (heads, biases) must be identical in all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lorakit.errors import UsageError
+from lorakit.extract import low_rank_factors
+from lorakit.io import (
+    CONFIG_NAME,
+    FINGERPRINT_KEY,
+    PREFIX,
+    WEIGHTS_NAME,
+    AdapterError,
+    _write_folder_atomically,
+    read_adapter,
+)
+
+METHODS = ("linear", "cat", "svd")
+_FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+
+
+@dataclass
+class _Adapter:
+    path: str
+    raw: dict
+    scaling: dict[str, float]  # module -> alpha / r (or alpha / sqrt(r))
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[str, str]]]  # module -> (A, B, key suffixes)
+    full: dict[str, torch.Tensor]  # tensors saved in full (heads, biases)
+    fingerprint: str | None
+
+
+def _read(path: str | os.PathLike) -> _Adapter:
+    config, tensors, metadata = read_adapter(path)
+    raw = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
+    if raw.get("use_dora") or any("lora_magnitude_vector" in k for k in tensors):
+        raise AdapterError(f"{path} is a DoRA adapter; combine works on plain LoRA adapters only")
+    factors, full = {}, dict(tensors)
+    for key in tensors:
+        for a_suffix, b_suffix in _FACTOR_SUFFIXES:
+            if key.endswith(a_suffix):
+                module = key[: -len(a_suffix)]
+                A, B = full.pop(key), full.pop(module + b_suffix, None)
+                if B is None or A.dim() != 2 or B.dim() != 2:
+                    raise AdapterError(
+                        f"{path}: {module} has no 2-D {b_suffix.lstrip('.')} to pair with {a_suffix.lstrip('.')}; "
+                        "combine handles linear and embedding adapters (not convolutions)"
+                    )
+                factors[module] = (A, B, (a_suffix, b_suffix))
+    scaling = {m: config.scaling_for(m) for m in factors}
+    return _Adapter(str(path), raw, scaling, factors, full, metadata.get(FINGERPRINT_KEY))
+
+
+def _check_compatible(adapters: list[_Adapter]) -> None:
+    first = adapters[0]
+    for other in adapters[1:]:
+        if set(first.factors) != set(other.factors):
+            only_first = sorted(set(first.factors) - set(other.factors))[:3]
+            only_other = sorted(set(other.factors) - set(first.factors))[:3]
+            raise AdapterError(
+                f"{first.path} and {other.path} adapt different modules (only in the first: {only_first}, only in "
+                f"the second: {only_other}); combine adapters with the same target modules"
+            )
+        if first.fingerprint and other.fingerprint and first.fingerprint != other.fingerprint:
+            raise AdapterError(
+                f"{first.path} and {other.path} were made for different base models (base fingerprints "
+                f"{first.fingerprint} != {other.fingerprint}); combine adapters of one base only"
+            )
+        names = (first.raw.get("base_model_name_or_path"), other.raw.get("base_model_name_or_path"))
+        if not (first.fingerprint and other.fingerprint) and all(names) and names[0] != names[1]:
+            raise AdapterError(
+                f"{first.path} is for base {names[0]!r} but {other.path} for {names[1]!r}; combine adapters of one base"
+            )
+        for module, (A, B, _) in first.factors.items():
+            A2, B2, _ = other.factors[module]
+            if (A.shape[1], B.shape[0]) != (A2.shape[1], B2.shape[0]):
+                raise AdapterError(
+                    f"{module}: {first.path} has shape {(B.shape[0], A.shape[1])} but {other.path} "
+                    f"{(B2.shape[0], A2.shape[1])}; these adapters are for different bases"
+                )
+        if set(first.full) != set(other.full) or any(not torch.equal(v, other.full[k]) for k, v in first.full.items()):
+            raise AdapterError(
+                f"{first.path} and {other.path} save different full modules or biases (e.g. trained heads); "
+                "combine mixes LoRA updates only: combine adapters whose saved modules are identical"
+            )
+
+
+def _combine_module(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], coeffs: list[float], method: str, rank: int | None, module: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one module with scaling 1, from the inputs' factors and c_i = w_i * s_i."""
+    As = [A.double() for A, _ in factors]
+    Bs = [B.double() for _, B in factors]
+    if method == "cat":
+        return torch.cat([c * A for c, A in zip(coeffs, As, strict=True)]), torch.cat(Bs, dim=1)
+    if method == "linear":
+        ranks = sorted({A.shape[0] for A in As})
+        if len(ranks) > 1:
+            raise UsageError(
+                f"--method linear needs equal ranks, but {module} has ranks {ranks}: use --method cat or svd"
+            )
+        A = sum(((1.0 if c >= 0 else -1.0) * abs(c) ** 0.5) * A for c, A in zip(coeffs, As, strict=True))
+        B = sum(abs(c) ** 0.5 * B for c, B in zip(coeffs, Bs, strict=True))
+        return A, B
+    delta = sum(c * (B @ A) for c, A, B in zip(coeffs, As, Bs, strict=True))
+    target = rank or max(A.shape[0] for A in As)
+    B, A, _ = low_rank_factors(delta, target)
+    return A, B
+
+
+def combine_adapters(
+    paths: list[str | os.PathLike],
+    method: str = "cat",
+    weights: list[float] | None = None,
+    rank: int | None = None,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """Combine the adapter folders `paths`; return (adapter_config dict, tensors with PEFT keys, metadata).
+
+    `weights` defaults to 1/n each (an even mix). `rank` is the target rank of method "svd".
+    Nothing is written; `combine` writes the folder.
+    """
+    if method not in METHODS:
+        raise UsageError(f"method {method!r} is not known: use one of {', '.join(METHODS)}")
+    if len(paths) < 1:
+        raise UsageError("give at least one adapter folder to combine")
+    weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise UsageError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
+    if rank is not None and (method != "svd" or not isinstance(rank, int) or rank <= 0):
+        raise UsageError(f"rank={rank!r}: a positive target rank, for method svd only")
+    adapters = [_read(p) for p in paths]
+    _check_compatible(adapters)
+    first = adapters[0]
+    out_tensors: dict[str, torch.Tensor] = {PREFIX + k: v for k, v in first.full.items()}
+    ranks: dict[str, int] = {}
+    for module, (A0, _, (a_suffix, b_suffix)) in first.factors.items():
+        coeffs = [w * a.scaling[module] for w, a in zip(weights, adapters, strict=True)]
+        pairs = [a.factors[module][:2] for a in adapters]
+        A, B = _combine_module(pairs, coeffs, method, rank, module)
+        out_tensors[PREFIX + module + a_suffix] = A.to(A0.dtype).contiguous()
+        out_tensors[PREFIX + module + b_suffix] = B.to(A0.dtype).contiguous()
+        ranks[module] = A.shape[0]
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != common}
+    config = dict(first.raw)
+    config.update(
+        r=common,
+        lora_alpha=common,
+        use_rslora=False,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        inference_mode=True,
+    )
+    metadata = {"format": "pt", "lorakit_combine": json.dumps({"method": method, "weights": weights})}
+    if first.fingerprint:
+        metadata[FINGERPRINT_KEY] = first.fingerprint
+    return config, out_tensors, metadata
+
+
+def combine(
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "cat",
+    weights: list[float] | None = None,
+    rank: int | None = None,
+) -> Path:
+    """Combine adapter folders `paths` into the adapter folder `out` (written atomically)."""
+    config, tensors, metadata = combine_adapters(paths, method, weights, rank)
+    sources = {Path(p).resolve() for p in paths}
+    if Path(out).resolve() in sources:
+        raise UsageError(f"--out {out} is one of the inputs: write the combined adapter to a new folder")
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return _write_folder_atomically(Path(out), write)
