@@ -133,6 +133,7 @@ def test_memory_report_counts_packed_codes_and_state():
     assert model[0].weight.data.numel() == 512 * 512 // 2 and state.absmax.dtype == torch.uint8
     assert state.absmax.numel() == blocks
     quantized_bytes = report["base_bytes"] - 4 * 2052
+    assert report["quantized_bytes"] == quantized_bytes and report["quantized_fp32_bytes"] == 4 * 512 * 512
     assert 512 * 512 // 2 + blocks <= quantized_bytes < 512 * 512 // 2 + blocks + 4096
     assert report["ratio"] < 0.2
     lorakit.inject(model, lorakit.LoraConfig(r=8, target_modules=["0"]))

@@ -146,12 +146,13 @@ def memory_report(model: nn.Module) -> dict[str, int | float]:
 
     Quantized weights count their packed 4-bit codes plus the quantisation state saved with them
     (absmax scales, nested scales, code books). LoRA adapter parameters are left out: the figure
-    is the frozen base's memory. Keys: quantized_layers, base_bytes, fp32_bytes, ratio.
+    is the frozen base's memory. Keys: quantized_layers, base_bytes, fp32_bytes, ratio, and
+    quantized_bytes / quantized_fp32_bytes: the quantized weights alone, as stored and in fp32.
     """
     adapter_params = {
         id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()
     }
-    stored = fp32 = layers = 0
+    stored = fp32 = layers = q_stored = q_fp32 = 0
     seen: set[int] = set()
     for module in model.modules():
         for param in module.parameters(recurse=False):
@@ -164,7 +165,14 @@ def memory_report(model: nn.Module) -> dict[str, int | float]:
                 fp32 += param.numel() * 4
                 continue
             layers += 1
-            stored += _tensor_bytes(param.data)
-            stored += sum(_tensor_bytes(v) for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor))
-            fp32 += int(torch.Size(state.shape).numel()) * 4
-    return {"quantized_layers": layers, "base_bytes": stored, "fp32_bytes": fp32, "ratio": stored / max(fp32, 1)}
+            extra = sum(_tensor_bytes(v) for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor))
+            q_stored += _tensor_bytes(param.data) + extra
+            q_fp32 += int(torch.Size(state.shape).numel()) * 4
+    return {
+        "quantized_layers": layers,
+        "base_bytes": stored + q_stored,
+        "fp32_bytes": fp32 + q_fp32,
+        "ratio": (stored + q_stored) / max(fp32 + q_fp32, 1),
+        "quantized_bytes": q_stored,
+        "quantized_fp32_bytes": q_fp32,
+    }
