@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lorakit.errors import LorakitError
 from lorakit.serve.auth import Grant, find_grant
+from lorakit.serve.batched import NoFreeSlotError
 from lorakit.serve.engine import Engine, RequestError, SamplingParams
 
 MAX_BODY = 1 << 20  # bytes; a prompt longer than any context fits well under this
@@ -99,6 +100,7 @@ def create_app(
     A causal LM gets a continuous-batching Engine (started and stopped with the app); a sequence
     classifier gets /v1/classify instead of the generation routes.
     """
+    multi.model.eval()  # dropout off: an answer must not depend on chance
     classifier = "ForSequenceClassification" in type(multi.model).__name__
     engine = None if classifier else Engine(multi, tokenizer, max_batch=max_batch, registry=registry, mode=mode)
     root = Path(adapter_root).resolve() if adapter_root else None
@@ -181,6 +183,8 @@ def create_app(
             return await run_in_threadpool(engine.submit, prompt, adapter, params, loop=asyncio.get_running_loop())
         except RequestError as err:
             raise APIError(err.status, str(err), param=err.param, code=err.code) from None
+        except NoFreeSlotError as err:  # every slot pinned by running requests: the client may retry
+            raise APIError(429, str(err), type="rate_limit_error", param="model", code="no_free_slot") from None
         except LorakitError as err:  # the registry refused the adapter (removed meanwhile, bad files)
             raise APIError(400, str(err), param="model") from None
 

@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -361,7 +362,8 @@ class Engine:
             generator = None
             if r.params.temperature > 0:
                 generator = torch.Generator(device="cpu")
-                generator.manual_seed(r.params.seed if r.params.seed is not None else torch.seed())
+                # torch.seed() would reseed the global generator other threads use: draw from the OS instead
+                generator.manual_seed(r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(7)))
             rows.append(_Row(r, len(r.prompt_ids), 0, generator))
         self._join(rows, cache, mask)
         self._advance(rows, logits)

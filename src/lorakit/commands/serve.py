@@ -1,0 +1,137 @@
+"""Serve a base model and many LoRA adapters over an OpenAI-compatible HTTP API.
+
+Every adapter is a model name: `"model": "positive"` in a request picks that adapter, the base
+model's own name picks the base. Requests with different adapters share one batch (continuous
+batching; each row runs with its own adapter).
+
+  lorakit serve                                   the shipped SST-2 GPT and its two adapters
+  lorakit serve --model DIR --adapter pos=DIR1 --adapter neg=DIR2 --api-keys keys.json
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for
+server-sent events), POST /v1/classify (classification bases), POST /v1/adapters {name, path}
+(path under --adapter-root), DELETE /v1/adapters/NAME, GET /health. The keys file (JSON or TOML)
+maps each API key to the models it may use, "*" for all (and adapter loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit.errors import UsageError
+
+HELP = "serve a base model and many LoRA adapters over an OpenAI-compatible HTTP API"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model folder (Hugging Face format); default: the shipped SST-2 GPT")
+    parser.add_argument("--base-name", help="the base model's name in requests (default: the folder's name)")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve (repeatable)"
+    )
+    parser.add_argument("--adapter-root", help="folder under which POST /v1/adapters may load adapters")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--api-keys", help="JSON or TOML file: API key -> list of models it may use ('*': all)")
+    parser.add_argument("--max-resident", type=int, help="adapters kept loaded at once (LRU eviction beyond)")
+    parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
+    parser.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request (default: 16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """NAME=DIR pairs -> {name: folder}; one UsageError naming every bad one."""
+    adapters, problems = {}, []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            problems.append(f"{spec!r} is not NAME=DIR")
+        elif name in adapters:
+            problems.append(f"adapter name {name!r} is given twice")
+        elif not Path(folder).is_dir():
+            problems.append(f"adapter folder {folder!r} (for {name}) does not exist")
+        else:
+            adapters[name] = Path(folder)
+    if problems:
+        raise UsageError("--adapter: " + "; ".join(problems))
+    return adapters
+
+
+def _check(args: argparse.Namespace) -> None:
+    problems = []
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port {args.port} is not in 0..65535")
+    for flag in ("max_batch", "max_rank", "max_tokens"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_resident is not None and args.max_resident < 1:
+        problems.append("--max-resident must be >= 1")
+    if args.adapter_root and not Path(args.adapter_root).is_dir():
+        problems.append(f"--adapter-root {args.adapter_root!r} is not a folder")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        problems.append(f"--model {args.model!r} holds no config.json: give a Hugging Face model folder")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def build_app(args: argparse.Namespace):
+    """Load the model, tokenizer and adapters named by `args` and return the FastAPI app."""
+    _check(args)
+    from lorakit import defaults
+
+    defaults.offline()
+    adapters = parse_adapters(args.adapter)
+    model_path = args.model
+    if model_path is None:
+        try:
+            model_path = str(defaults.default_causal_lm_path())
+        except (FileNotFoundError, AttributeError) as err:
+            raise UsageError(f"no --model given and the default model is missing ({err}): give --model") from None
+        if not args.adapter:
+            adapters = {n: p for n, p in defaults.default_causal_lm_adapters().items() if Path(p).is_dir()}
+    from lorakit.serve.auth import load_api_keys
+
+    api_keys = load_api_keys(args.api_keys) if args.api_keys else None
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakit.serve import AdapterRegistry, MultiLoraModel
+    from lorakit.serve.app import create_app
+
+    config = AutoConfig.from_pretrained(model_path)
+    classifier = any("ForSequenceClassification" in a for a in (config.architectures or []))
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = auto.from_pretrained(model_path).to(torch.device(args.device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    slots = max(16, args.max_resident or 0, len(adapters))
+    multi = MultiLoraModel(model, slots=slots, max_rank=args.max_rank)
+    registry = AdapterRegistry(multi, max_resident=args.max_resident, root=args.adapter_root)
+    base_name = args.base_name or Path(model_path).name
+    if base_name in adapters:
+        raise UsageError(f"adapter name {base_name!r} is the base model's name: rename it or set --base-name")
+    for i, (name, folder) in enumerate(adapters.items()):  # beyond --max-resident: loaded on first use
+        registry.register(name, folder, load_now=args.max_resident is None or i < args.max_resident)
+    app = create_app(
+        multi,
+        tokenizer,
+        registry,
+        base_name=base_name,
+        api_keys=api_keys,
+        adapter_root=args.adapter_root,
+        max_batch=args.max_batch,
+        default_max_tokens=args.max_tokens,
+    )
+    return app, base_name, sorted(adapters)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the app and serve it until interrupted."""
+    import uvicorn
+
+    app, base_name, names = build_app(args)
+    shown = ", ".join(names) or "none"
+    print(f"lorakit serve: {base_name} with adapters {shown} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
