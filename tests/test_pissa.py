@@ -44,7 +44,7 @@ def train_a_little(model: nn.Module, steps: int = 3) -> None:
     with torch.no_grad():  # tiny random models give tiny gradients: move the adapter visibly too
         gen = torch.Generator().manual_seed(5)
         for param in params:
-            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize("arch", BUILDERS)
@@ -103,7 +103,7 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_pissa_model(a
     model = lorakit.inject(base(arch), config)
     train_a_little(model)
     trained = logits(model).detach()
-    assert (trained - logits(base(arch))).abs().max() > 1e-3  # training moved the adapter
+    assert (trained - logits(base(arch))).abs().max() > 100 * TOL  # training moved the adapter
     save_pissa_as_lora(model, tmp_path / "lora")
     assert (logits(model) - trained).abs().max() == 0  # the model is left as it was
     saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
