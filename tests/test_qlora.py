@@ -170,3 +170,10 @@ def test_quantize_after_inject_is_refused():
     model = lorakit.inject(tiny.llama(0), lorakit.LoraConfig(r=2))
     with pytest.raises(UsageError, match="before lorakit.inject"):
         quant.quantize_model(model)
+
+
+def test_quantize_targets_and_keep():
+    model = quant.quantize_model(tiny.llama(0), targets=["q_proj", "up_proj", "down_proj"], keep=["down_proj"])
+    kinds = {name.split(".")[-1]: type(m) for name, m in model.named_modules()}
+    assert kinds["q_proj"] is bnb.nn.Linear4bit and kinds["up_proj"] is bnb.nn.Linear4bit
+    assert kinds["down_proj"] is nn.Linear and kinds["k_proj"] is nn.Linear

@@ -51,6 +51,7 @@ def quantize_model(
     model: nn.Module,
     targets: list[str] | str = "all-linear",
     *,
+    keep: list[str] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     double_quant: bool = True,
     blocksize: int = 64,
@@ -58,13 +59,14 @@ def quantize_model(
     """Replace the `targets` linear layers of `model` by 4-bit NF4 `Linear4bit`, in place.
 
     `targets` selects modules as LoraConfig.target_modules does ("all-linear" leaves the output
-    head / classifier alone); embeddings and layer norms are never quantized. Call it before
-    `lorakit.inject`. Returns the model.
+    head / classifier alone); `keep` names modules left in full precision (e.g. the adapter's
+    modules_to_save, which train in full). Embeddings and layer norms are never quantized.
+    Call it before `lorakit.inject`. Returns the model.
     """
     bnb = _bnb()
     if lora_layers(model):
         raise UsageError("quantize_model must run before lorakit.inject: quantize the plain base, then add adapters")
-    found = find_targets(model, LoraConfig(target_modules=targets))
+    found = find_targets(model, LoraConfig(target_modules=targets, modules_to_save=keep or None))
     for name, module in found:
         if is_quantized(module) or not isinstance(module, nn.Linear | Conv1D):
             continue
