@@ -62,6 +62,20 @@ def expected(server, adapter: str | None, prompt: str, n: int) -> tuple[str, str
     return server["tokenizer"].decode(tokens, skip_special_tokens=True), reason
 
 
+def merged_greedy_text(folder: Path, tokenizer, prompt: str, n: int) -> str:
+    """Greedy text of tiny.gpt2(0) with the adapter at `folder` merged, by full recomputation, up to EOS (0)."""
+    model = merge_and_unload(load_adapter(tiny.gpt2(0), folder)).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == 0:
+                break
+            ids.append(token)
+    return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
 def test_models_lists_base_and_adapters_per_key(server):
     assert [m.id for m in client(server).models.list().data] == [BASE, "a", "b"]
     assert [m.id for m in client(server, USER).models.list().data] == [BASE, "a"]
@@ -153,15 +167,8 @@ def test_load_and_delete_adapters_under_the_root_only(server):
     assert "c" in [m.id for m in client(server).models.list().data]
     # c's output is c merged into the base (reference computed from its folder)
     out = client(server).completions.create(model="c", prompt="a bad film", max_tokens=6, temperature=0)
-    model = merge_and_unload(load_adapter(tiny.gpt2(0), Path(server["root"]) / "gpt2" / "c")).eval()
-    ids = server["tokenizer"]("a bad film")["input_ids"]
-    with torch.no_grad():
-        for _ in range(6):
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            if token == 0:
-                break
-            ids.append(token)
-    assert out.choices[0].text == server["tokenizer"].decode(ids[3:], skip_special_tokens=True)
+    folder = Path(server["root"]) / "gpt2" / "c"
+    assert out.choices[0].text == merged_greedy_text(folder, server["tokenizer"], "a bad film", 6)
     deleted = httpx.delete(server["url"] + "/v1/adapters/c", headers={"Authorization": f"Bearer {ADMIN}"})
     assert deleted.status_code == 200
     assert post(server, "/v1/completions", {"model": "c", "prompt": "the"}).status_code == 404
@@ -197,3 +204,42 @@ def test_classify_returns_the_merged_classifier_probabilities(tmp_path):
         assert list(row["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
         assert row["label"] == merged.config.id2label[int(p.argmax())]
     assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "unsupported"
+
+
+def test_serve_command_builds_the_app_from_folders_and_refuses_bad_flags(tmp_path, capsys):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from lorakit.cli import main
+    from lorakit.commands import serve
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny.gpt2(0).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    adapter = make_adapter(tiny.gpt2, tmp_path / "adapters" / "a", r=4, seed=1)
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'"{ADMIN}" = "*"\n')
+
+    assert main(["serve", "--model", str(model_dir), "--adapter", "a", "--adapter", f"b={tmp_path}/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'a' is not NAME=DIR" in err and "does not exist" in err and "Traceback" not in err
+    assert main(["serve", "--model", str(tmp_path), "--port", "70000"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    bad_keys = tmp_path / "bad.json"
+    bad_keys.write_text("{not json")
+    assert main(["serve", "--model", str(model_dir), "--api-keys", str(bad_keys)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model_dir), "--adapter", f"a={adapter}", "--api-keys", str(keys)])
+    app, base, names = serve.build_app(args)
+    assert (base, names) == ("tiny-gpt2", ["a"])
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with TestClient(app) as http:
+        assert [m["id"] for m in http.get("/v1/models", headers=auth).json()["data"]] == ["tiny-gpt2", "a"]
+        body = {"model": "a", "prompt": "a good movie", "max_tokens": 5, "temperature": 0}
+        text = http.post("/v1/completions", json=body, headers=auth).json()["choices"][0]["text"]
+        assert http.get("/v1/models").status_code == 401
+    assert text == merged_greedy_text(adapter, make_tokenizer(), "a good movie", 5)
