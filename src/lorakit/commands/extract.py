@@ -56,6 +56,7 @@ def load_pretrained(path: str, role: str):
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise DataError(f"--{role} {path}: not a model folder (no config.json); give a save_pretrained folder")
+    import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -63,7 +64,7 @@ def load_pretrained(path: str, role: str):
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or transformers.AutoModel
     try:
-        return cls.from_pretrained(folder, local_files_only=True, torch_dtype="float32").eval()
+        return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     except (OSError, ValueError) as err:
         raise DataError(f"--{role} {path}: cannot load the model ({str(err).splitlines()[0]})") from None
 
