@@ -59,11 +59,12 @@ def folder_bytes(path: Path) -> int:
 
 
 # --- children: one config each ----------------------------------------------------------------
-def run_lorakit(name: str, train_file: Path, dev: Path, work: Path) -> dict:
+def run_lorakit(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Namespace) -> dict:
     from lorakit.train import TrainConfig, train
 
     common = {"train": str(train_file), "eval": str(dev), "out": str(work / name), "batch_size": BATCH, "seed": SEED}
-    common.update(epochs=1, log_every=50, overwrite=True)
+    common.update(epochs=1, log_every=50, overwrite=True, model=opts.model, precision=opts.precision)
+    common.update(json.loads(opts.set or "{}") if name == "lorakit-default" else {})
     if name == "lorakit-peft":
         p = PEFT_LORA
         config = TrainConfig(
@@ -95,7 +96,7 @@ def run_lorakit(name: str, train_file: Path, dev: Path, work: Path) -> dict:
     }
 
 
-def run_hf(name: str, train_file: Path, dev: Path, work: Path) -> dict:
+def run_hf(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Namespace) -> dict:
     import numpy as np
     import torch
     from transformers import (
@@ -110,7 +111,7 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path) -> dict:
     from lorakit.train import read_table
 
     offline()
-    path = default_model_path()
+    path = opts.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
 
     def encode(file: Path) -> list[dict]:
@@ -141,7 +142,7 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path) -> dict:
         learning_rate=lr,
         num_train_epochs=1,
         lr_scheduler_type="linear",
-        warmup_ratio=0.06,
+        warmup_steps=0.06,  # transformers 5: a float below 1 is a ratio (warmup_ratio is gone)
         seed=SEED,
         save_strategy="no",
         report_to=[],
@@ -171,13 +172,15 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path) -> dict:
     }
 
 
-def child(name: str, limit: int, threads: int, work: Path) -> None:
+def child(name: str, opts: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(threads)
-    train_file = sample_train(DATA, limit, work)
+    torch.set_num_threads(opts.threads)
+    work, data = Path(opts.work), Path(opts.data)
+    train_file = sample_train(data, opts.limit, work)
     started = time.perf_counter()
-    result = (run_hf if name in ("peft-trainer", "hf-full") else run_lorakit)(name, train_file, DATA / "dev.tsv", work)
+    runner = run_hf if name in ("peft-trainer", "hf-full") else run_lorakit
+    result = runner(name, train_file, data / "dev.tsv", work, opts)
     result["wall_time_s"] = time.perf_counter() - started
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -226,12 +229,16 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=20000, help="training examples (default 20000)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/quality_sst2[-limitN].json)")
+    parser.add_argument("--model", help="base model folder (default: the packaged MiniLM)")
+    parser.add_argument("--data", default=str(DATA), help="folder with train.tsv and dev.tsv (../shared/data/sst2)")
+    parser.add_argument("--precision", default="fp32", help="lorakit --precision (default fp32, as the Trainer)")
+    parser.add_argument("--set", help="JSON of TrainConfig fields changed in lorakit-default (recipe search)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        child(args.child, args.limit, args.threads, Path(args.work))
+        child(args.child, args)
         return 0
     names = args.only.split(",") if args.only else CONFIGS
     unknown = [n for n in names if n not in CONFIGS + OPTIONAL]
@@ -253,7 +260,7 @@ def main() -> int:
                 "--work",
                 work,
             ]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: live progress bars
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 print(f"{name} failed (exit {proc.returncode})", file=sys.stderr)
