@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import os
 import queue
 import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.serve.kv_batch import KVBatch, Row, zero_padding
+from lorakit.serve.request import Completion, GenerationRequest, RequestError, SamplingParams, pick_token
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(LorakitError):
-    """A generation request that cannot be served as asked (too long, bad parameter, unknown adapter)."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.code, self.status = param, code, status
 
 
 class MultiAdapterModel(Protocol):
@@ -48,115 +38,6 @@ class MultiAdapterModel(Protocol):
     model: torch.nn.Module
 
     def use(self, adapters: Sequence[str | None]) -> Any: ...
-
-
-@dataclass
-class SamplingParams:
-    """Per-request decoding settings (OpenAI's names). temperature 0 means greedy."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-    def check(self) -> None:
-        """Raise RequestError naming the first out-of-range field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be a positive integer, not {self.max_tokens!r}", param="max_tokens")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise RequestError(f"temperature must be in [0, 2], not {self.temperature!r}", param="temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], not {self.top_p!r}", param="top_p")
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop must be up to 4 non-empty strings", param="stop")
-
-
-@dataclass
-class Completion:
-    """The finished output of one request."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop sequence), "length", "cancelled" or "error"
-    prompt_tokens: int
-    error: str | None = None
-
-
-class GenerationRequest:
-    """One request's state; its events (text deltas, then the Completion) arrive in order.
-
-    Consume with `stream()` (thread) or `astream()` (asyncio, when submitted with a loop), or
-    wait for `result()`.
-    """
-
-    _ids = itertools.count()
-
-    def __init__(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, loop: asyncio.AbstractEventLoop | None
-    ) -> None:
-        self.id = next(self._ids)
-        self.prompt_ids, self.adapter, self.params = prompt_ids, adapter, params
-        self.output_ids: list[int] = []
-        self.completion: Completion | None = None
-        self.cancelled = False
-        self.created = time.time()
-        self._emitted = 0  # characters of text already streamed
-        self._loop = loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
-        self._done = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (a client went away)."""
-        self.cancelled = True
-
-    def _put(self, item: str | Completion) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                self.cancelled = True
-        else:
-            self._queue.put(item)
-
-    def _finish(self, completion: Completion) -> None:
-        self.completion = completion
-        self._put(completion)
-        self._done.set()
-
-    def stream(self) -> Iterator[str]:
-        """Text deltas as they are decoded (thread consumer); the Completion is then in `.completion`."""
-        assert self._loop is None, "submitted with an event loop: use astream()"
-        while True:
-            item = self._queue.get()
-            if isinstance(item, Completion):
-                return
-            yield item
-
-    async def astream(self) -> AsyncIterator[str]:
-        """Text deltas as they are decoded (asyncio consumer, submitted with `loop=`)."""
-        assert self._loop is not None, "submitted without an event loop: use stream()"
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, Completion):
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """Block until the request is done and return its Completion."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
-        assert self.completion is not None
-        return self.completion
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    position: int  # position id of the next token fed to the model
-    last: int  # token fed at the next decode step
-    generator: torch.Generator | None
 
 
 class Engine:
@@ -193,9 +74,7 @@ class Engine:
         self._keep_one = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._inbox: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
-        self._rows: list[_Row] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
+        self._batch = KVBatch()  # the running rows and their KV cache
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (for tests and benchmarks)
@@ -216,9 +95,10 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for row in self._rows:
+        for row in self._batch.rows:
             self._close(row.request, "cancelled")
-        self._rows, self._cache, self._mask = [], None, None
+        self._batch.clear()
+        self._drain_inbox(block=False)
         while self._waiting:
             self._close(self._waiting.popleft(), "cancelled")
 
@@ -294,20 +174,22 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            self._drain_inbox(block=not self._rows and not self._waiting)
+            self._drain_inbox(block=not self._batch.rows and not self._waiting)
             if self._stop.is_set():
                 break
+            admitted = self._admit()
             try:
-                admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
-                if self._rows:
+                    admitted = []
+                if self._batch.rows:
                     self._decode()
             except Exception as err:  # a bug or an OOM must not kill the server: fail what is in flight
                 log.exception("engine step failed")
-                for row in self._rows:
-                    self._close(row.request, "error", error=f"{type(err).__name__}: {err}")
-                self._rows, self._cache, self._mask = [], None, None
+                for request in [row.request for row in self._batch.rows] + admitted:
+                    if request.completion is None:
+                        self._close(request, "error", error=f"{type(err).__name__}: {err}")
+                self._batch.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -323,12 +205,12 @@ class Engine:
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._close(request, "cancelled")
-        room = self.max_batch - len(self._rows)
+        room = self.max_batch - len(self._batch.rows)
         if room <= 0 or not self._waiting:
             return []
         if self.mode == "continuous":
             return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        if self._rows:  # swap baseline: the running batch finishes before the next adapter's batch forms
+        if self._batch.rows:  # swap baseline: the running batch finishes before the next adapter's batch forms
             return []
         adapter = self._waiting[0].adapter
         chosen = [r for r in self._waiting if r.adapter == adapter][: self.max_batch]
@@ -356,7 +238,7 @@ class Engine:
         logits, cache = self._forward(
             [r.adapter for r in requests], input_ids=ids, attention_mask=mask, position_ids=positions
         )
-        _zero_padding(cache, mask)  # padded slots may hold NaN from fully-masked queries; keep them inert
+        zero_padding(cache, mask)  # padded slots may hold NaN from fully-masked queries; keep them inert
         rows = []
         for r in requests:
             generator = None
@@ -364,38 +246,34 @@ class Engine:
                 generator = torch.Generator(device="cpu")
                 # torch.seed() would reseed the global generator other threads use: draw from the OS instead
                 generator.manual_seed(r.params.seed if r.params.seed is not None else int.from_bytes(os.urandom(7)))
-            rows.append(_Row(r, len(r.prompt_ids), 0, generator))
-        self._join(rows, cache, mask)
+            rows.append(Row(r, len(r.prompt_ids), 0, generator))
+        self._batch.join(rows, cache, mask)
         self._advance(rows, logits)
 
     def _decode(self) -> None:
-        assert self._mask is not None
-        device = self._mask.device
-        ids = torch.tensor([[row.last] for row in self._rows], dtype=torch.long, device=device)
-        positions = torch.tensor([[row.position] for row in self._rows], dtype=torch.long, device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        logits, self._cache = self._forward(
-            [row.request.adapter for row in self._rows],
-            input_ids=ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
+        batch = self._batch
+        ids, mask, positions = batch.decode_inputs()
+        adapters = [row.request.adapter for row in batch.rows]
+        logits, batch.cache = self._forward(
+            adapters, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache
         )
         self.steps += 1
-        for row in self._rows:
+        for row in batch.rows:
             row.position += 1
-        self._advance(self._rows, logits)
+        self._advance(batch.rows, logits)
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Pick each row's next token, stream its text, and remove the rows that finished."""
-        logits = logits.cpu()
+        # greedy rows need only the argmax: one small transfer, not the whole [rows, vocab] logits
+        greedy = logits.argmax(dim=-1).tolist()
         finished = []
-        for row, row_logits in zip(rows, logits, strict=True):
+        for i, row in enumerate(rows):
             request = row.request
             if request.cancelled:
                 finished.append((row, "cancelled"))
                 continue
-            token = _pick(row_logits, request.params, row.generator)
+            sample = row.generator is not None and request.params.temperature > 0
+            token = pick_token(logits[i].cpu(), request.params, row.generator) if sample else greedy[i]
             row.last = token
             reason = None
             if token in self.eos_ids and not request.params.ignore_eos:
@@ -408,10 +286,10 @@ class Engine:
                     reason = "length"
             if reason:
                 finished.append((row, reason))
-        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        self.max_rows_seen = max(self.max_rows_seen, len(self._batch.rows))
         if finished:
             gone = {id(row) for row, _ in finished}
-            self._leave([i for i, row in enumerate(self._rows) if id(row) not in gone])
+            self._batch.keep([i for i, row in enumerate(self._batch.rows) if id(row) not in gone])
             for row, reason in finished:
                 self._close(row.request, reason)
 
@@ -453,36 +331,6 @@ class Engine:
                 log.debug("unpin %r failed", request.adapter, exc_info=True)
         request._finish(Completion(text, list(request.output_ids), reason, len(request.prompt_ids), error))
 
-    # ---------------------------------------------------------------- cache surgery
-    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
-        """Append prefilled rows (their cache and mask) to the running batch, left-padding the shorter."""
-        if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
-            return
-        assert self._mask is not None
-        width = max(self._mask.shape[1], mask.shape[1])
-        old_layers, new_layers = _layers(self._cache), _layers(cache)
-        for old, new in zip(old_layers, new_layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0)
-            old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)], dim=0)
-        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
-        self._rows = self._rows + rows
-
-    def _leave(self, keep: list[int]) -> None:
-        """Keep only the rows at `keep`; drop the leading columns that are now padding for every row."""
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        assert self._mask is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        start = int(mask.any(dim=0).to(torch.int8).argmax())
-        for layer in _layers(self._cache):
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self._mask = mask[:, start:]
-        self._rows = [self._rows[i] for i in keep]
-
 
 def _context_length(config: Any) -> int:
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
@@ -494,43 +342,3 @@ def _context_length(config: Any) -> int:
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _layers(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"the engine needs a transformers DynamicCache, got {type(cache).__name__}")
-    for layer in layers:
-        if not (hasattr(layer, "keys") and hasattr(layer, "values")) or getattr(layer, "is_sliding", False):
-            raise TypeError(f"cache layer {type(layer).__name__} is not supported: the engine needs full attention")
-    return layers
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _zero_padding(cache: Any, mask: torch.Tensor) -> None:
-    keep = mask.bool()[:, None, :, None]
-    for layer in _layers(cache):
-        layer.keys = layer.keys.masked_fill(~keep, 0)
-        layer.values = layer.values.masked_fill(~keep, 0)
-
-
-def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; else temperature, then nucleus (top-p) sampling with the row's generator."""
-    if params.temperature == 0 or generator is None:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
