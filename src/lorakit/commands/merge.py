@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Load base + adapter, merge, check, write atomically; print what was written."""
     from lorakit.adapters import merge_and_unload
     from lorakit.cli import require
+    from lorakit.defaults import offline
 
     require(args, "adapter", "out")
     out = Path(args.out)
@@ -55,15 +56,13 @@ def run(args: argparse.Namespace) -> int:
         plain = merge_and_unload(model)
         after = _logits(plain(**probe))
     diff = (after.float() - before.float()).abs().max().item()
-    if info["labels"]:
-        plain.config.id2label = dict(enumerate(info["labels"]))
-        plain.config.label2id = {name: i for i, name in enumerate(info["labels"])}
 
     def write(folder: Path) -> None:
         plain.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
 
+    offline()  # loading turned transformers' own progress bars back on
     write_folder_atomically(out, write)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"merged {info['adapter']} into {info['model']} ({info['task']}): {out} ({size:.1f} MiB)")
@@ -175,6 +174,9 @@ def load_adapted(
         load_adapter(net, adapter, force=force)
     net.eval()
     labels = label_names(adapter, net.config, net.config.num_labels) if task == CLASSIFY else None
+    if labels:  # carried into anything saved from this model (a merged folder)
+        net.config.id2label = dict(enumerate(labels))
+        net.config.label2id = {name: i for i, name in enumerate(labels)}
     return (
         net,
         load_tokenizer(path, required=False),
