@@ -158,6 +158,9 @@ def create_app(
         return None if model == base_name else model
 
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:  # refuse before reading it into memory
+            raise APIError(413, f"request body is {declared} bytes; the limit is {max_body}", code="body_too_large")
         raw = await request.body()
         if len(raw) > max_body:
             raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_body}", code="body_too_large")
@@ -221,7 +224,7 @@ def create_app(
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        alive = engine is None or (engine._thread is not None and engine._thread.is_alive())
+        alive = engine is None or engine.alive
         return {"status": "ok" if alive else "engine stopped", "model": base_name, "adapters": sorted(registry.known())}
 
     @app.get("/v1/models")

@@ -102,6 +102,11 @@ class Engine:
         while self._waiting:
             self._close(self._waiting.popleft(), "cancelled")
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def __enter__(self) -> Engine:
         return self.start()
 
@@ -156,7 +161,7 @@ class Engine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        if self._thread is None or not self._thread.is_alive():
+        if not self.alive:
             raise RuntimeError("the engine is not running: call start() first")
         if self.registry is not None:
             self.registry.pin(adapter)  # loads it now if evicted; unpinned when the request ends
