@@ -4,6 +4,7 @@ dequantised weights, PEFT on the same quantized base, and file round trips."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ pytest.importorskip("bitsandbytes")
 
 import bitsandbytes as bnb  # noqa: E402
 import tiny  # noqa: E402
+from test_train_fixtures import bert_dir, cls_files  # noqa: E402, F401
 
 import lorakit  # noqa: E402
 from lorakit import quant  # noqa: E402
@@ -177,3 +179,25 @@ def test_quantize_targets_and_keep():
     kinds = {name.split(".")[-1]: type(m) for name, m in model.named_modules()}
     assert kinds["q_proj"] is bnb.nn.Linear4bit and kinds["up_proj"] is bnb.nn.Linear4bit
     assert kinds["down_proj"] is nn.Linear and kinds["k_proj"] is nn.Linear
+
+
+def test_train_cli_quantize_nf4(tmp_path, capsys, bert_dir, cls_files):  # noqa: F811
+    from test_train_cli import train_args
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(bert_dir, cls_files, out, "--quantize", "nf4")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    # The adapter was trained over the NF4 base: it loads (fingerprint included) into that base.
+    base = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=3).eval()
+    quant.quantize_model(base, keep=["classifier"])
+    loaded = lorakit.load_adapter(base, out / "adapter")
+    assert all(layer.quantized for _, layer in lora_layers(loaded))
+    assert any(layer.lora_B["default"].abs().sum() > 0 for _, layer in lora_layers(loaded))  # it trained
+    capsys.readouterr()
+    assert main(train_args(bert_dir, cls_files, tmp_path / "bad", "--quantize", "nf4", "--full")) == 2
+    assert "drop --full" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

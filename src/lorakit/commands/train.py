@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="modules trained in full and saved")
     lora.add_argument("--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r)")
     lora.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
+    lora.add_argument(
+        "--quantize", choices=["none", "nf4"], help="nf4: the base's linear layers in 4-bit NF4 (QLoRA; bitsandbytes)"
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-3; 5e-5 with --full)")
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")

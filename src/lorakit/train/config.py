@@ -33,6 +33,7 @@ class TrainConfig:
         max_length: longest tokenized example (longer ones are truncated).
         rank, alpha, dropout, targets, modules_to_save, rslora: the LoRA adapter.
         full: fine-tune every weight instead (no adapter; the model is saved in full).
+        quantize: "nf4" stores the frozen base's linear layers in 4-bit NF4 (QLoRA, lorakit.quant).
         lr, weight_decay, schedule, warmup: AdamW and its schedule; warmup < 1 is a ratio of
             the steps, >= 1 a number of steps.
         epochs, max_steps: how long (max_steps wins when given).
@@ -64,6 +65,7 @@ class TrainConfig:
     modules_to_save: list[str] | None = None
     rslora: bool = False
     full: bool = False
+    quantize: str = "none"
     lr: float | None = None
     weight_decay: float = 0.0
     schedule: str = "linear"
@@ -129,6 +131,10 @@ class TrainConfig:
             problems.append(f"--model-dropout {self.model_dropout}: must be in [0, 1)")
         if self.early_stopping and not (self.eval or self.eval_split):
             problems.append("--early-stopping needs evaluation data: add --eval FILE or --eval-split 0.1")
+        if self.quantize not in ("none", "nf4"):
+            problems.append(f"--quantize {self.quantize!r}: use none or nf4")
+        elif self.quantize == "nf4" and self.full:
+            problems.append("--quantize nf4 trains LoRA over a frozen 4-bit base: drop --full (or --quantize)")
         if self.resume and self.overwrite:
             problems.append("--resume continues a run and --overwrite deletes it: give one")
         if problems:

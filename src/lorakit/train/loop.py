@@ -134,6 +134,10 @@ class Trainer:
         else:
             heads = head_names(self.model) if config.task == "classify" else []
             self.lora = lora_config_from_args(config, head=heads)
+            if config.quantize == "nf4":  # QLoRA: every linear layer but heads / saved modules in 4 bits
+                from lorakit.quant import quantize_model
+
+                quantize_model(self.model, keep=self.lora.modules_to_save)
             lorakit.inject(self.model, self.lora)
         self.model.to(self.dist.device)
         if self.dist.rank:  # different dropout masks per process, same initial weights
