@@ -215,3 +215,27 @@ def test_load_twice_replace_unload_and_slot_reuse(tmp_path):
     model = multi.close()
     assert torch.equal(model(ids).logits, base(ids).logits)
     assert not any("lorakit" in n for n, _ in model.named_buffers())
+
+
+@torch.no_grad()
+def test_reused_slot_and_moved_model_never_use_stale_gathered_rows(tmp_path):
+    """The per-layer copies gathered for a batch are keyed on slot contents and storage."""
+    base = tiny.llama(0).eval()
+    one = make_adapter(base, tmp_path / "one", 1, r=4)
+    two = make_adapter(base, tmp_path / "two", 2, r=4)
+    multi = MultiLoraModel(copy.deepcopy(base), slots=1, max_rank=4)
+    ids = torch.randint(1, 100, (2, 5))
+    multi.load("x", one)
+    with multi.use(["x", None]):
+        first = multi.model(ids).logits
+    multi.unload("x")
+    multi.load("y", two)  # the same slot, so the same slot list as before
+    with multi.use(["y", None]):
+        second = multi.model(ids).logits
+    assert (first[:1] - reference(base, one)(ids[:1]).logits).abs().max() <= TOL
+    assert (second[:1] - reference(base, two)(ids[:1]).logits).abs().max() <= TOL
+    multi.model.double()  # buffers move with the model; nothing gathered in float32 is reused
+    with multi.use(["y", None]):
+        third = multi.model(ids).logits
+    assert third.dtype == torch.float64 and (third[:1] - second[:1]).abs().max() <= TOL
+    assert all(t.cache[1].dtype == torch.float64 for t in multi.targets.values())

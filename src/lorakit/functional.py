@@ -121,19 +121,25 @@ class MergedLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_A, grad_B, None
 
 
+def add_lora_rows(result: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:
+    """result + per-row LoRA: row i adds (x[i] @ A_rows[i].T) @ Bt_rows[i] (scale folded into Bt_rows).
+
+    A_rows is (batch, r, d_in), Bt_rows (batch, r, d_out); x is (batch, ..., d_in) and result
+    (batch, ..., d_out). Two batched matmuls serve every row, whatever adapter each row uses.
+    """
+    batch = A_rows.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(A_rows.dtype)
+    h = torch.bmm(x3, A_rows.transpose(1, 2))  # (batch, tokens, r)
+    out3 = result.reshape(batch, -1, result.shape[-1])
+    if out3.dtype != A_rows.dtype:  # adapters kept in another precision than the base
+        return (out3 + torch.bmm(h, Bt_rows).to(out3.dtype)).view(result.shape)
+    return torch.baddbmm(out3, h, Bt_rows).view(result.shape)
+
+
 def add_lora_gathered(
     result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """result + per-row LoRA: row i adds (x[i] @ A[ids[i]].T) @ Bt[ids[i]], scale folded into Bt.
-
-    A is (slots, r, d_in) and Bt (slots, r, d_out), stacked adapters; x is (batch, ..., d_in)
-    and result (batch, ..., d_out). One gather and two batched matmuls serve every row, so
-    the cost does not depend on how many distinct adapters the batch uses.
-    """
-    batch = ids.shape[0]
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(A.dtype)
-    h = torch.bmm(x3, A.index_select(0, ids).transpose(1, 2))  # (batch, tokens, r)
-    out3 = result.reshape(batch, -1, result.shape[-1])
-    if out3.dtype != A.dtype:  # adapters kept in another precision than the base
-        return (out3 + torch.bmm(h, Bt.index_select(0, ids)).to(out3.dtype)).view(result.shape)
-    return torch.baddbmm(out3, h, Bt.index_select(0, ids)).view(result.shape)
+    """add_lora_rows with row i's adapter taken from slot ids[i] of the stacked A (slots, r, d_in)
+    and Bt (slots, r, d_out): one gather per matrix, so the cost does not depend on how many
+    distinct adapters the batch uses."""
+    return add_lora_rows(result, x, A.index_select(0, ids), Bt.index_select(0, ids))

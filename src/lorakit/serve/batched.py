@@ -4,7 +4,7 @@ Every hooked linear layer holds its adapters in fixed slots of two stacked tenso
 A (slots + 1, r_max, d_in) and Bt (slots + 1, r_max, d_out) with the scaling folded into Bt
 and ranks zero-padded; the last slot stays all zero and serves rows on the base. A forward
 hook adds, for the whole batch at once, `x[i] @ A[id_i].T @ Bt[id_i]` with one gather and two
-batched matmuls (`functional.add_lora_gathered`): no Python loop over adapters and no
+batched matmuls (`functional.add_lora_rows`): no Python loop over adapters and no
 merging, so a batch of 32 rows on 32 adapters costs what a batch on one adapter costs.
 Per-adapter heads (`modules_to_save`, e.g. BERT's classifier) are stacked and gathered the
 same way; rows on the base use the base head.
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lorakit.config import LoraConfig
-from lorakit.functional import add_lora_gathered
+from lorakit.functional import add_lora_rows
 from lorakit.inject import find_targets, walk
 from lorakit.io import FINGERPRINT_KEY, AdapterError, base_fingerprint, read_adapter
 from lorakit.layers import LoraLayer, is_linear
@@ -58,6 +58,7 @@ class _Target:
         self.name, self.module = name, module
         self.d_in, self.d_out = linear_dims(module)
         self.rank = 0  # the largest rank resident here: the matmuls use only A[:, :rank]
+        self.cache: tuple | None = None  # (key, A rows, Bt rows) of the last batch seen
         weight = module.weight
         module.register_buffer("lorakit_multi_A", weight.new_zeros(slots + 1, max_rank, self.d_in), persistent=False)
         module.register_buffer("lorakit_multi_Bt", weight.new_zeros(slots + 1, max_rank, self.d_out), persistent=False)
@@ -110,7 +111,8 @@ class MultiLoraModel:
         self.heads: dict[str, _Head] = {}
         self._lock = threading.Lock()  # guards the maps below; held only briefly
         self._write_lock = threading.Lock()  # one loader at a time
-        self._local = threading.local()  # per-thread row -> slot ids of the running batch
+        self._local = threading.local()  # .batch: this thread's running _Batch (None: the base)
+        self._version = 0  # bumped after every slot write: gathered copies of older contents are stale
         self._slot_of: dict[str, int] = {}
         self._path_of: dict[str, Path] = {}
         self._ranks: dict[int, dict[str, int]] = {}  # occupied slot -> layer -> rank
@@ -124,23 +126,34 @@ class MultiLoraModel:
     # --- the forward --------------------------------------------------------------------------
     def _lora_hook(self, target: _Target):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-            ids = getattr(self._local, "ids", None)
-            if ids is None or target.rank == 0:
+            batch = getattr(self._local, "batch", None)
+            if batch is None or target.rank == 0:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            ids = _rows(ids, x.shape[0])
+            rows = x.shape[0]
             r = target.rank
-            return add_lora_gathered(output, x, module.lorakit_multi_A[:, :r], module.lorakit_multi_Bt[:, :r], ids)
+            # Decoding runs the same rows step after step: keep each layer's gathered A and Bt for
+            # the batch's slot list, rank and slot contents (version), and skip two gathers a step.
+            key = (batch.key, rows, r, self._version, module.lorakit_multi_A.data_ptr())  # data_ptr: .to() moves
+            cached = target.cache
+            if cached is not None and cached[0] == key:
+                return add_lora_rows(output, x, cached[1], cached[2])
+            ids = _rows(batch.ids(), rows)
+            A_rows = module.lorakit_multi_A[:, :r].index_select(0, ids)
+            Bt_rows = module.lorakit_multi_Bt[:, :r].index_select(0, ids)
+            if rows * r <= (self.slots + 1) * self.max_rank:  # bounded: at most the size of the slots
+                target.cache = (key, A_rows, Bt_rows)
+            return add_lora_rows(output, x, A_rows, Bt_rows)
 
         return hook
 
     def _head_hook(self, head: _Head):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-            ids = getattr(self._local, "ids", None)
-            if ids is None:
+            batch = getattr(self._local, "batch", None)
+            if batch is None:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            ids = _rows(ids, x.shape[0])
+            ids = _rows(batch.ids(), x.shape[0])
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])
             weight = module.lorakit_multi_W.index_select(0, ids).transpose(1, 2)
             if module.lorakit_multi_b is None:
@@ -169,13 +182,12 @@ class MultiLoraModel:
             self._refs.update(slots)
         on_base = all(s == self.base_slot for s in slots)
         device = next(iter(self.targets.values())).module.lorakit_multi_A.device
-        ids = None if on_base else torch.tensor(slots, dtype=torch.long, device=device)
-        previous = getattr(self._local, "ids", None)
-        self._local.ids = ids
+        previous = getattr(self._local, "batch", None)
+        self._local.batch = None if on_base else _Batch(slots, device)
         try:
             yield
         finally:
-            self._local.ids = previous
+            self._local.batch = previous
             with self._lock:
                 self._refs.subtract(slots)
                 for slot in set(slots) & self._retired:
@@ -288,6 +300,7 @@ class MultiLoraModel:
                 raise
             ranks = {n: A.shape[0] for n, (A, _, _) in plan.layers.items()}
             with self._lock:
+                self._version += 1
                 self._ranks[slot] = ranks
                 for layer, r in ranks.items():  # widen before publishing: the slot is fully written
                     self.targets[layer].rank = max(self.targets[layer].rank, r)
@@ -326,6 +339,7 @@ class MultiLoraModel:
             handle.remove()
         for t in self.targets.values():
             del t.module.lorakit_multi_A, t.module.lorakit_multi_Bt
+            t.cache = None
         for h in self.heads.values():
             del h.module.lorakit_multi_W, h.module.lorakit_multi_b
         self._handles.clear()
@@ -371,6 +385,20 @@ class MultiLoraModel:
         self._free.append(slot)
         for name, target in self.targets.items():  # narrow the matmuls to the ranks still resident
             target.rank = max((ranks.get(name, 0) for ranks in self._ranks.values()), default=0)
+
+
+class _Batch:
+    """The slots of one `use()` block's rows; the device tensor of ids is made on first need."""
+
+    def __init__(self, slots: list[int], device: torch.device) -> None:
+        self.key = tuple(slots)
+        self.device = device
+        self._ids: torch.Tensor | None = None
+
+    def ids(self) -> torch.Tensor:
+        if self._ids is None:
+            self._ids = torch.tensor(self.key, dtype=torch.long, device=self.device)
+        return self._ids
 
 
 def _rows(ids: torch.Tensor, batch: int) -> torch.Tensor:
