@@ -177,3 +177,14 @@ def test_cli_extract(pair, tmp_path, capsys):
     )
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_gpt2_conv1d_layout_and_tied_head(tmp_path):
+    base = tiny.gpt2(2).eval()
+    tuned = finetune(base, steps=2)
+    model, report = extract_adapter(copy.deepcopy(base), tuned, rank=64)
+    assert [r.shape for r in report[:2]] == [(96, 32), (32, 32)]  # c_attn, c_proj as (d_out, d_in)
+    assert {"lm_head", "transformer.wte"} <= set(adapter_configs(model)["default"].modules_to_save)
+    lorakit.save_adapter(model, tmp_path / "g")
+    loaded = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "g")
+    torch.testing.assert_close(logits(loaded), logits(tuned), atol=1e-5, rtol=1e-5)

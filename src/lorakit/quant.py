@@ -9,6 +9,11 @@ parameters stay fp32 and get the only gradients.
 A 4-bit base cannot take a merge (W0 + dW re-quantised loses most of dW), so merging is refused;
 `dequantize_model` turns the NF4 weights back into dense ones, into which the adapters merge.
 bitsandbytes is optional: importing this module works without it, using it says what to install.
+
+Adapter files: an adapter trained here is plain LoRA in PEFT's format. It loads into the same
+4-bit base (lorakit, or PEFT over a quantize_model base) as is. Its base fingerprint is that of
+the 4-bit base, so loading it into the fp32 original needs force=True (`--force` on the
+commands): the two bases differ by the quantisation error, which the adapter was trained over.
 """
 
 from __future__ import annotations
