@@ -112,6 +112,17 @@ def test_merge_writes_a_folder_plain_transformers_loads_with_peft_outputs(bert_f
     assert not any("lora" in k for k in merged.state_dict())
 
 
+def test_merge_of_a_causal_lm_with_conv1d_layers_matches_peft(gpt_files, tmp_path, capsys):
+    base, adapter = gpt_files
+    code, _, err = call(capsys, "merge", "--model", base, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert code == 0 and err == ""
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    ids = tokenizer()(TEXTS[0], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert (merged(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
 def test_merge_refuses_a_non_empty_folder_and_overwrites_only_when_asked(bert_files, tmp_path, capsys):
     base, adapter, _ = bert_files
     out = tmp_path / "out"

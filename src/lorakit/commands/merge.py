@@ -169,6 +169,8 @@ def load_adapted(
     config = AutoConfig.from_pretrained(path)
     if task == CLASSIFY and num_labels is not None and getattr(config, "num_labels", None) != num_labels:
         config.num_labels = num_labels  # the fresh head gets the adapter's shape; its weights come from the file
+    if task == CLASSIFY and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0  # as `lorakit train` sets it for decoders
     net = _from_pretrained(path, task, config)
     if adapter is not None:
         load_adapter(net, adapter, force=force)
