@@ -62,7 +62,10 @@ class AdapterRegistry:
                 if load_now and name not in self._lru:
                     self._make_resident(name)
                 return
-            plan = self.multi.prepare(folder)  # raises before anything changes
+        plan = self.multi.prepare(folder)  # reads and checks files without the lock: pins go on meanwhile
+        with self._lock:
+            if name in self._removing:
+                raise AdapterError(f"adapter {name!r} is being removed (requests still use it); retry shortly")
             if name in self._lru:  # replace in place: the engine never sees the name missing
                 self._evict_for_one(keep=name, bound=len(self._lru) + 1)  # the new copy needs a slot first
                 self.multi.load_plan(name, plan)
