@@ -259,7 +259,12 @@ def main() -> int:
                 str(args.threads),
                 "--work",
                 work,
+                "--data",
+                args.data,
+                "--precision",
+                args.precision,
             ]
+            cmd += (["--model", args.model] if args.model else []) + (["--set", args.set] if args.set else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: live progress bars
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
