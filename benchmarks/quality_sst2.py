@@ -283,6 +283,9 @@ def main() -> int:
     report = {
         "benchmark": "quality_sst2",
         "limit": args.limit,
+        "precision": args.precision,
+        "set": args.set,
+        "model": args.model or "packaged MiniLM",
         "threads": args.threads,
         "batch": BATCH,
         "seed": SEED,
