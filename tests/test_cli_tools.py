@@ -185,6 +185,20 @@ def test_inspect_reports_ranks_params_size_and_peft_loadability(bert_files, caps
     assert code == 0 and "PEFT loadable  yes" in text and "r=2" in text and "r=4" in text
 
 
+def test_inspect_reads_an_adapter_peft_wrote(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.bert(0), LoraConfig(r=3, lora_alpha=6, target_modules=["key"], task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "peft")
+    code, out, _ = call(capsys, "inspect", tmp_path / "peft", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["base_fingerprint"] is None and report["peft"]["loadable"]
+    assert {t["module"]: t["rank"] for t in report["targets"]} == {
+        f"bert.encoder.layer.{i}.attention.self.key": 3 for i in (0, 1)
+    }
+    assert report["params"]["lora"] == 2 * (3 * 32 + 32 * 3)
+
+
 def test_inspect_flags_what_peft_cannot_load(bert_files, tmp_path, capsys):
     _, adapter, _ = bert_files
     bad = tmp_path / "bad"
