@@ -153,11 +153,11 @@ def test_adapter_round_trip_quantized_fp32_and_peft(tmp_path):
     peft = pytest.importorskip("peft")
     peft_model = peft.PeftModel.from_pretrained(quantized_llama(), str(tmp_path / "a"))
     torch.testing.assert_close(peft_model(IDS).logits, expected, atol=1e-6, rtol=1e-6)
-    # Into the fp32 base: the fingerprint records the NF4 base, so loading needs force=True;
-    # the result is the fp32 base plus the same adapter.
+    # Into the original fp32 base: the fingerprint is the fp32 weights' (the 4-bit layers keep
+    # it), so no force is needed; another base is still refused.
     with pytest.raises(lorakit.AdapterError, match="different base"):
-        lorakit.load_adapter(tiny.llama(0).eval(), tmp_path / "a")
-    fp32 = lorakit.load_adapter(tiny.llama(0).eval(), tmp_path / "a", force=True)
+        lorakit.load_adapter(tiny.llama(1).eval(), tmp_path / "a")
+    fp32 = lorakit.load_adapter(tiny.llama(0).eval(), tmp_path / "a")
     for (name, layer), (_, ref) in zip(lora_layers(fp32), lora_layers(model), strict=True):
         assert torch.equal(layer.lora_A["default"], ref.lora_A["default"]), name
         assert torch.equal(layer.lora_B["default"], ref.lora_B["default"]), name

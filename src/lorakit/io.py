@@ -47,24 +47,47 @@ class AdapterError(LorakitError):
 
 
 # --- fingerprint -------------------------------------------------------------------------------
-def base_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+FingerprintSource = torch.Tensor | tuple[tuple[int, ...], torch.Tensor]
+
+
+def fingerprint_sample(weight: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
+    """A weight's shape and 16 evenly spaced entries rounded to bfloat16 (as int16 bits)."""
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
+    return tuple(weight.shape), flat[index].float().to(torch.bfloat16).view(torch.int16).cpu()
+
+
+def base_fingerprint(weights: dict[str, FingerprintSource]) -> str:
     """A short hash of the adapted modules' names, shapes and 16 sampled weights each.
 
     Samples are rounded to bfloat16 first, so the same base loaded in fp32, fp16 or bf16
-    gives the same fingerprint while a different base (or architecture) does not.
+    gives the same fingerprint while a different base (or architecture) does not. A value may
+    be a precomputed `fingerprint_sample` (a quantized layer keeps the one of its fp32 weight).
     """
     digest = hashlib.sha256()
     for name in sorted(weights):
-        flat = weights[name].detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
-        sample = flat[index].float().to(torch.bfloat16).view(torch.int16).cpu()
-        digest.update(f"{name}{tuple(weights[name].shape)}".encode())
+        source = weights[name]
+        shape, sample = source if isinstance(source, tuple) else fingerprint_sample(source)
+        digest.update(f"{name}{shape}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
-def _target_weights(targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    return {n: m.original_weight() if isinstance(m, LoraLayer) else m.weight for n, m in targets}
+# A quantized base layer carries the fingerprint sample of the full-precision weight it was
+# made from, so an adapter trained on the 4-bit base also loads on the original model.
+FINGERPRINT_ATTR = "lorakit_fingerprint_sample"
+
+
+def _target_weights(targets: list[tuple[str, nn.Module]]) -> dict[str, FingerprintSource]:
+    sources: dict[str, FingerprintSource] = {}
+    for name, module in targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        recorded = getattr(base, FINGERPRINT_ATTR, None)
+        if recorded is not None:
+            sources[name] = recorded
+        else:
+            sources[name] = module.original_weight() if isinstance(module, LoraLayer) else module.weight
+    return sources
 
 
 # --- save --------------------------------------------------------------------------------------

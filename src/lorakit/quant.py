@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.config import LoraConfig
 from lorakit.errors import UsageError
 from lorakit.inject import find_targets, lora_layers, walk
+from lorakit.io import FINGERPRINT_ATTR, fingerprint_sample
 from lorakit.layers import LoraLayer
 
 
@@ -76,6 +77,7 @@ def quantize_model(
         if is_quantized(module) or not isinstance(module, nn.Linear | Conv1D):
             continue
         weight = module.weight.detach()
+        fingerprint = fingerprint_sample(weight)  # of the full-precision weight, as the fp32 model has it
         # Conv1D stores (in, out) and computes x @ W: Linear4bit with W^T computes the same.
         weight = weight.t() if isinstance(module, Conv1D) else weight
         out_features, in_features = weight.shape
@@ -103,6 +105,7 @@ def quantize_model(
         quantized.support_avx512bf16_for_cpu = False
         quantized = quantized.to(weight.device)  # moving a Params4bit to a device quantises it
         quantized.train(module.training)
+        setattr(quantized, FINGERPRINT_ATTR, fingerprint)
         model.set_submodule(name, quantized)
     return model
 
