@@ -227,3 +227,14 @@ def test_swap_mode_serves_one_adapter_per_batch(root):
         results = [job.result(timeout=60) for job in jobs]
     for (adapter, prompt), result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == reference("gpt2", root, adapter, prompt, GREEDY.max_tokens)
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(root):
+    s = setup("gpt2", root)
+    multi = MultiLoraModel(s["build"](0), slots=2, max_rank=8)
+    multi.load("a", s["adapters"]["a"])
+    with Engine(multi, s["tokenizer"]) as engine:  # no registry: nothing checks names before the forward
+        broken = engine.generate("the cat", "missing", GREEDY)
+        assert broken.finish_reason == "error" and "missing" in broken.error
+        assert engine.alive
+        assert engine.generate("the cat", "a", GREEDY).token_ids == reference("gpt2", root, "a", "the cat", 10)
