@@ -7,6 +7,7 @@ base with the adapter merged (test_engine.reference), and a merged classifier's 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from lorakit.io import load_adapter, save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.app import create_app, serve_in_background
 from lorakit.serve.auth import load_api_keys
+from lorakit.serve.engine import SamplingParams
 
 ADMIN, USER = "admin-key-0000", "user-key-00001"
 BASE = "tiny-gpt2"
@@ -44,7 +46,7 @@ def server(tmp_path_factory):
     )  # fmt: skip
     uvicorn_server, thread, port = serve_in_background(app)
     url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "root": str(root), "engine": app.state.engine, "tokenizer": s["tokenizer"]}
+    yield {"url": url, "root": str(root), "engine": app.state.engine, "tokenizer": s["tokenizer"], "registry": registry}
     uvicorn_server.should_exit = True
     thread.join(timeout=30)
 
@@ -109,6 +111,19 @@ def test_chat_uses_role_lines_and_streaming_equals_non_streaming(server):
     stream = client(server).completions.create(model="a", prompt="the dog", max_tokens=10, temperature=0, stream=True)
     pieces = list(stream)
     assert "".join(p.choices[0].text for p in pieces) == expected(server, "a", "the dog", 10)[0]
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_and_pin(server):
+    body = {"model": "a", "prompt": "the", "max_tokens": 60, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, headers=headers, timeout=60) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: {")
+    deadline = time.monotonic() + 20
+    while server["registry"].pinned() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server["registry"].pinned() == {}
+    assert server["engine"].generate("the", "a", SamplingParams(max_tokens=3, temperature=0)).finish_reason
 
 
 def test_seeded_sampling_is_reproducible_over_http(server):
