@@ -11,7 +11,10 @@ in a rotating order; medians over rounds and the median of per-round ratios. Var
 DoRA, PEFT DoRA (loaded from lorakit's file, so both start from identical weights; the outputs
 are checked equal first), lorakit plain LoRA, PEFT plain LoRA. Memory: the tensors autograd
 saves for the backward in one step (and on CUDA the allocator's step peak). Results:
-benchmarks/results/variants-<section>-<device>.json.
+benchmarks/results/variants-<section>-<device>.json. The same four variants are also timed as
+one adapted layer alone (MiniLM's 384x384 and 384x1536 shapes, 2048 tokens, forward + backward
+with x's gradient, against the frozen base layer): a whole step is mostly the base model's
+work, the single layer shows what each DoRA implementation itself costs.
 
 Other sections (QLoRA, extraction) live in benchmarks/variants_tools.py; add one here as a
 `bench_<name>(args) -> dict` function and a SECTIONS entry.
@@ -181,6 +184,54 @@ def step_memory_mib(model: torch.nn.Module, batch: dict[str, torch.Tensor], devi
     return result
 
 
+LAYER_SHAPES = [(384, 384), (384, 1536)]  # MiniLM's attention projections and FFN up-projection
+
+
+def _layer_step(library: str, dora: bool, d_in: int, d_out: int, x: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward of one adapted linear layer (x needs its gradient, as inside a model)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).to(x.device)
+    if library == "lorakit":
+        lorakit.inject(model, lorakit.LoraConfig(r=R, alpha=ALPHA, target_modules=["0"], use_dora=dora))
+    elif library == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], use_dora=dora))
+    else:
+        model.requires_grad_(False)  # the floor: the base layer's forward and x's gradient only
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    model.train()
+    weight = torch.randn(x.shape[0], d_out, device=x.device)
+
+    def run() -> None:
+        (model(x) * weight).sum().backward()
+
+    return run
+
+
+def _layer_timings(args: argparse.Namespace, device: torch.device) -> dict:
+    """One DoRA / LoRA layer alone, MiniLM sizes, BATCH * SEQ_LEN tokens: the implementation's own cost."""
+    out = {}
+    for d_in, d_out in LAYER_SHAPES:
+        x = torch.randn(BATCH * SEQ_LEN, d_in, device=device, requires_grad=True)
+        fns = {
+            f"{library}-{kind}": _layer_step(library, kind == "dora", d_in, d_out, x)
+            for library in ("lorakit", "peft")
+            for kind in ("dora", "lora")
+        }
+        fns["base"] = _layer_step("base", False, d_in, d_out, x)
+        samples = time_round_robin(fns, args.repeats * 3, args.warmup, device)
+        out[f"{d_in}x{d_out}"] = {
+            "median_ms": {v: statistics.median(s) for v, s in samples.items()},
+            "lorakit-dora / peft-dora (time)": paired_ratio(samples, "lorakit-dora", "peft-dora"),
+            "lorakit-dora / base (time)": paired_ratio(samples, "lorakit-dora", "base"),
+            "peft-dora / base (time)": paired_ratio(samples, "peft-dora", "base"),
+            "lorakit-lora / peft-lora (time)": paired_ratio(samples, "lorakit-lora", "peft-lora"),
+        }
+    return out
+
+
 def bench_dora(args: argparse.Namespace) -> dict:
     """DoRA training step time and memory: lorakit vs PEFT, and vs plain LoRA."""
     device = torch.device(args.device)
@@ -193,6 +244,8 @@ def bench_dora(args: argparse.Namespace) -> dict:
         {v: train_step_fn(m, batch) for v, m in models.items()}, args.repeats, args.warmup, device
     )
     saved = {v: m["saved_for_backward_mib"] for v, m in memory.items()}
+    del models
+    layers = _layer_timings(args, device)
     return {
         "section": "dora",
         "setup": {"batch": BATCH, "seq_len": SEQ_LEN, "r": R, "alpha": ALPHA, "targets": args.targets},
@@ -207,6 +260,7 @@ def bench_dora(args: argparse.Namespace) -> dict:
             "lorakit-lora / peft-lora (time)": paired_ratio(samples, "lorakit-lora", "peft-lora"),
             "lorakit-dora / peft-dora (saved for backward)": saved["lorakit-dora"] / saved["peft-dora"],
         },
+        "single_layer": layers,
     }
 
 
@@ -222,6 +276,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {v} | {ms:.1f} | {mem['saved_for_backward_mib']:.0f} | {cuda} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    for shape, layer in result.get("single_layer", {}).items():
+        lines += ["", f"single layer {shape}, {BATCH * SEQ_LEN} tokens, forward + backward:", ""]
+        lines += ["| variant | median ms |", "|---|---|"]
+        lines += [f"| {v} | {ms:.2f} |" for v, ms in layer["median_ms"].items()]
+        lines += [f"| {k} | {v:.3f} |" for k, v in layer.items() if k != "median_ms"]
     return "\n".join(lines)
 
 
