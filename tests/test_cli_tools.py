@@ -359,3 +359,18 @@ def test_generate_refuses_a_classification_adapter(bert_files, gpt_files, capsys
     code, _, err = call(capsys, "generate", "--model", gpt_files[0], "--adapter", bert_files[1], "--prompt", "a")
     assert code == 2 and "classify adapter" in err
     one_line_error(err, "generate")
+
+
+def test_generate_defaults_to_the_shipped_gpt_and_its_adapters_change_the_text(capsys):
+    from lorakit import defaults
+
+    try:
+        defaults.default_causal_lm_path()
+    except FileNotFoundError:
+        pytest.skip("the shipped SST-2 GPT is not built")
+    adapters = defaults.default_causal_lm_adapters()
+    argv = ["generate", "--prompt", "the movie was", "--max-new-tokens", "12", "--json"]
+    texts = [call(capsys, *argv, *extra) for extra in ([], ["--adapter", adapters["positive"]])]
+    assert [code for code, _, _ in texts] == [0, 0]
+    plain, positive = (json.loads(out)["completion"] for _, out, _ in texts)
+    assert plain and plain != positive
