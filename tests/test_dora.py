@@ -7,12 +7,14 @@ the norm a constant for the gradient), and PEFT 0.21's DoRA on the same base and
 from __future__ import annotations
 
 import copy
+import json
 
 import peft
 import pytest
 import tiny
 import torch
 import torch.nn as nn
+from test_train_fixtures import bert_dir, cls_files  # noqa: F401
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
@@ -242,3 +244,54 @@ def test_config_round_trip_and_validation():
     assert lorakit.LoraConfig.from_peft_dict(config.to_peft_dict(None, None)).use_dora is True
     with pytest.raises(lorakit.ConfigError, match="use_dora='yes'"):
         lorakit.LoraConfig(use_dora="yes")
+
+
+# --- the train command's variant flags -------------------------------------------------------
+def test_train_cli_dora_pissa_and_patterns(tmp_path, bert_dir, cls_files):  # noqa: F811
+    """--dora / --init pissa / --rank-pattern / --alpha-pattern / --rslora reach the adapter file,
+    and the PiSSA run's adapter (converted) works on the ORIGINAL base in PEFT."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.cli import main
+
+    common = ["--model", str(bert_dir), "--train", str(cls_files[0]), "--max-steps", "2", "--batch-size", "8"]
+    common += ["--no-progress", "--targets", "query,value", "--rank", "4"]
+    config = tmp_path / "variants.toml"
+    config.write_text('dora = true\nrank-pattern = "query=2"\nalpha-pattern = "value=3"\nrslora = true\n')
+    assert main(["train", *common, "--out", str(tmp_path / "dora"), "--config", str(config)]) == 0
+    saved = json.loads((tmp_path / "dora" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    assert saved["rank_pattern"] == {"query": 2} and saved["alpha_pattern"] == {"value": 3}
+    _, tensors, _ = lorakit.read_adapter(tmp_path / "dora" / "adapter")
+    assert tensors["bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape == (2, 32)
+    assert "bert.encoder.layer.0.attention.self.value.lora_magnitude_vector" in tensors
+
+    assert main(["train", *common, "--out", str(tmp_path / "pissa"), "--init", "pissa", "--pissa-niter", "3"]) == 0
+    saved = json.loads((tmp_path / "pissa" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True  # rank 2r: plain LoRA on the original base
+
+    def classifier():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=3).eval()
+
+    ours = lorakit.load_adapter(classifier(), tmp_path / "pissa" / "adapter")
+    theirs = peft.PeftModel.from_pretrained(classifier(), str(tmp_path / "pissa" / "adapter")).eval()
+    ids = torch.randint(1000, 2000, (2, 9))
+    assert (ours(ids).logits - theirs(ids).logits).abs().max() <= TOL
+    with torch.no_grad():
+        assert (ours(ids).logits - classifier()(ids).logits).abs().max() > 0  # the adapter does something
+
+
+def test_train_cli_variant_flag_errors(tmp_path, capsys, bert_dir, cls_files):  # noqa: F811
+    from lorakit.cli import main
+
+    common = ["train", "--model", str(bert_dir), "--train", str(cls_files[0]), "--out", str(tmp_path / "r")]
+    for flags, expected in [
+        (["--pissa-niter", "2", "--init", "gaussian"], "--pissa-niter 2 goes with --init pissa"),
+        (["--rank-pattern", "query:4"], "query:4"),
+        (["--dora", "--full"], "drop --full"),
+    ]:
+        code = main([*common, "--no-progress", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--targets", help="module suffixes 'query,value', a regex, or all-linear (default)")
     lora.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="modules trained in full and saved")
     lora.add_argument("--rslora", action="store_true", default=None, help="scale by alpha / sqrt(r)")
+    lora.add_argument("--dora", action="store_true", default=None, help="DoRA: weight-decomposed LoRA (linear layers)")
+    lora.add_argument(
+        "--init", choices=["kaiming", "gaussian", "pissa"], help="A's init (kaiming); pissa: from W0's top-r SVD"
+    )
+    lora.add_argument("--pissa-niter", type=int, metavar="N", help="--init pissa by randomized SVD, N iterations")
+    lora.add_argument("--rank-pattern", metavar="K=R,...", help="per-module ranks, e.g. query=16,value=4")
+    lora.add_argument("--alpha-pattern", metavar="K=A,...", help="per-module alphas, e.g. query=32")
     lora.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
     lora.add_argument(
         "--quantize", choices=["none", "nf4"], help="nf4: the base's linear layers in 4-bit NF4 (QLoRA; bitsandbytes)"

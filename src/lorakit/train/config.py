@@ -32,6 +32,8 @@ class TrainConfig:
         text_column, label_column, prompt_column, completion_column: data columns.
         max_length: longest tokenized example (longer ones are truncated).
         rank, alpha, dropout, targets, modules_to_save, rslora: the LoRA adapter.
+        dora, init, pissa_niter, rank_pattern, alpha_pattern: LoRA variants (DoRA, PiSSA init
+            (exact SVD, or randomized with pissa_niter iterations), per-module ranks / alphas).
         full: fine-tune every weight instead (no adapter; the model is saved in full).
         quantize: "nf4" stores the frozen base's linear layers in 4-bit NF4 (QLoRA, lorakit.quant).
         lr, weight_decay, schedule, warmup: AdamW and its schedule; warmup < 1 is a ratio of
@@ -64,6 +66,11 @@ class TrainConfig:
     targets: str | None = None
     modules_to_save: list[str] | None = None
     rslora: bool = False
+    dora: bool = False
+    init: str = "kaiming"
+    pissa_niter: int | None = None
+    rank_pattern: str | dict[str, int] | None = None
+    alpha_pattern: str | dict[str, float] | None = None
     full: bool = False
     quantize: str = "none"
     lr: float | None = None
@@ -135,6 +142,17 @@ class TrainConfig:
             problems.append(f"--quantize {self.quantize!r}: use none or nf4")
         elif self.quantize == "nf4" and self.full:
             problems.append("--quantize nf4 trains LoRA over a frozen 4-bit base: drop --full (or --quantize)")
+        for flag, value in (("--rank-pattern", self.rank_pattern), ("--alpha-pattern", self.alpha_pattern)):
+            try:
+                parse_pattern(value, flag)
+            except UsageError as err:
+                problems.append(str(err))
+        if self.init not in ("kaiming", "gaussian", "pissa"):
+            problems.append(f"--init {self.init!r}: use kaiming, gaussian or pissa")
+        if (self.dora or self.init != "kaiming" or self.rank_pattern or self.alpha_pattern) and self.full:
+            problems.append("--dora / --init / --rank-pattern / --alpha-pattern shape a LoRA adapter: drop --full")
+        if self.dora and self.quantize == "nf4":
+            problems.append("--dora over a 4-bit base is not supported: drop --dora or --quantize nf4")
         if self.resume and self.overwrite:
             problems.append("--resume continues a run and --overwrite deletes it: give one")
         if problems:
@@ -166,7 +184,42 @@ def lora_config_from_args(args: Any, head: list[str] | None = None) -> LoraConfi
         target_modules=targets,
         modules_to_save=saved or None,
         use_rslora=bool(getattr(args, "rslora", False)),
+        use_dora=bool(getattr(args, "dora", False)),
+        init=_init_mode(getattr(args, "init", None), getattr(args, "pissa_niter", None)),
+        rank_pattern=parse_pattern(getattr(args, "rank_pattern", None), "--rank-pattern"),
+        alpha_pattern=parse_pattern(getattr(args, "alpha_pattern", None), "--alpha-pattern"),
     )
+
+
+def _init_mode(init: str | None, niter: int | None) -> str:
+    """LoraConfig.init from --init and --pissa-niter (which implies --init pissa)."""
+    if niter is None:
+        return init or "kaiming"
+    if init not in (None, "pissa"):
+        raise UsageError(f"--pissa-niter {niter} goes with --init pissa, not --init {init}")
+    if niter < 1:
+        raise UsageError(f"--pissa-niter {niter}: must be at least 1 (or leave it out for the exact SVD)")
+    return f"pissa_niter_{niter}"
+
+
+def parse_pattern(text: str | dict | None, flag: str = "--rank-pattern") -> dict[str, float]:
+    """'query=16,value=4' -> {'query': 16, 'value': 4} (--rank-pattern / --alpha-pattern); a dict
+    passes through."""
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    pattern = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not key.strip() or number is None:
+            raise UsageError(f"{flag} {text!r}: {item!r} is not NAME=NUMBER; write e.g. query=16,value=4")
+        pattern[key.strip()] = int(number) if number.is_integer() else number
+    return pattern
 
 
 def _plain_name(targets: str) -> bool:

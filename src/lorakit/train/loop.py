@@ -178,7 +178,12 @@ class Trainer:
             shutil.rmtree(self.out / "model", ignore_errors=True)
             os.replace(tmp, self.out / "model")
             return
-        folder = lorakit.save_adapter(self.model, self.out / "adapter")
+        if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
+            from lorakit.init import save_pissa_as_lora
+
+            folder = save_pissa_as_lora(self.model, self.out / "adapter")
+        else:
+            folder = lorakit.save_adapter(self.model, self.out / "adapter")
         write_card(folder, self.config.task, self.labels, str(self.base))
 
     def _checkpoint(self, step: int, optimizer, scheduler, scaler, book: dict[str, Any]) -> None:
