@@ -171,6 +171,24 @@ def test_merge_equals_unmerged_and_unmerge_restores_bits(arch):
     assert (logits(plain, INPUTS[0]) - unmerged[0]).abs().max() <= TOL
 
 
+def test_fused_projection_with_dora_equals_dense_and_peft(tmp_path):
+    """GPT-2's c_attn with only q and v adapted (enable_lora): DoRA over the block-structured B."""
+    enable = {"c_attn": [True, False, True]}
+    config = lorakit.LoraConfig(r=2, target_modules=["c_attn"], enable_lora=enable, use_dora=True)
+    model = lorakit.inject(base("gpt2"), config)
+    randomise(model)
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(40, layer.in_features, requires_grad=True)
+    w0 = layer.base_layer.weight.t()
+    A, m = layer.lora_A["default"], layer.lora_magnitude_vector["default"]
+    want = dense_dora(x, w0, layer.base_layer.bias, A, layer.full_B("default"), m, layer.scaling["default"])
+    assert (layer(x) - want).abs().max() <= TOL  # fused training function
+    assert (layer(x[:3]) - want[:3]).abs().max() <= TOL  # reference path
+    lorakit.save_adapter(model, tmp_path / "a")  # written as the equivalent plain rank-2r DoRA
+    theirs = peft.PeftModel.from_pretrained(base("gpt2"), str(tmp_path / "a")).eval()
+    assert (logits(theirs, INPUTS[0]) - logits(model, INPUTS[0])).abs().max() <= TOL
+
+
 def test_dora_and_plain_adapters_active_together_add_up():
     model = base("llama")
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True), "d")
