@@ -7,7 +7,7 @@
 
 DIR receives adapter/ (PEFT format; the best one when evaluating), metrics.jsonl, loss.png,
 summary.json; checkpoint/ while running (--checkpoint-every N, continue with --resume).
-With no LoRA flags, lorakit's recipe is used: rank 4 on every linear layer, lr 1e-3,
+With no LoRA flags, lorakit's recipe is used: rank 4 on every linear layer, lr 2e-3,
 linear decay with 6% warm-up, the model's own dropout off.
 """
 
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=["none", "nf4"], help="nf4: the base's linear layers in 4-bit NF4 (QLoRA; bitsandbytes)"
     )
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-3; 5e-5 with --full)")
+    opt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 2e-3; 5e-5 with --full)")
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     opt.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (linear)")
     opt.add_argument(

@@ -8,14 +8,17 @@ from typing import Any
 from lorakit.config import LoraConfig
 from lorakit.errors import UsageError
 
-# lorakit's own recipe, used when the user gives no value (see benchmarks/quality_sst2.py):
-# LoRA on every linear layer at a low rank (under 1% of MiniLM's parameters trains), LoRA
-# dropout 0 so the fused merged-weight path runs, and the model's own dropout off (it costs
-# ~40% of a CPU step for no gain when the base is frozen).
+# lorakit's own recipe, used when the user gives no value. LoRA on every linear layer (on
+# MiniLM that includes the pooler, which a fresh head sits on) at rank 4 (0.74% of MiniLM's
+# parameters train), LoRA dropout 0 so the fused merged-weight path runs, and the model's own
+# dropout off (it costs ~40% of a CPU step and gained nothing here). Chosen on SST-2 (20k
+# examples, 1 epoch, batch 32, fp32; benchmarks/results/quality_sst2-h100-fp32.json): dev
+# accuracy 84.6 / 86.5 / 87.8% at lr 5e-4 / 1e-3 / 2e-3, 86.7% with model dropout 0.1 at 1e-3,
+# 87.4% at rank 8 (1.5% of the parameters); full fine-tuning 87.2%.
 DEFAULT_RANK = 4
 DEFAULT_ALPHA = 8.0
 DEFAULT_TARGETS = "all-linear"
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
 
 
