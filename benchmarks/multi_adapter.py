@@ -16,8 +16,9 @@ one gathered bmm per layer), `peft` (PeftModel with `adapter_names=[...]`), `mer
     python benchmarks/multi_adapter.py --quick         # 3 repeats, fewer decoding rounds
     python benchmarks/multi_adapter.py --device cuda --dtype float16
 
-Timings are medians over rounds in which every variant runs once (order rotated each
-round); ratios are ratios of those medians. Results go to benchmarks/results/multi_adapter-<device>.json.
+Timings are medians over rounds in which every variant at every K runs once (order rotated
+each round, so a busy machine's drift hits all alike); ratios are ratios of those medians.
+Results go to benchmarks/results/multi_adapter-<device>.json.
 """
 
 from __future__ import annotations
@@ -170,6 +171,21 @@ def measure(calls: dict[str, Callable[[], object]], repeats: int, device: torch.
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def sweep(models: dict, batch: dict, ks: list[int], make_call, repeats: int, device, desc: str, work: int = ROWS):
+    """Every variant at every K, measured in one interleaved set of rounds (so drift of a busy
+    machine hits all alike); the plain model runs once per round. Returns {"K=k": row}."""
+    rows_of = {k: [f"a{i % k}" for i in range(ROWS)] for k in ks}
+    calls = {"plain": make_call("plain", models, batch, rows_of[ks[0]])}
+    for k in ks:
+        calls.update({f"{v}:K={k}": make_call(v, models, batch, rows_of[k]) for v in VARIANTS if v != "plain"})
+    seconds = measure(calls, repeats, device, desc)
+    out = {}
+    for k in ks:
+        per_s = {v: work / seconds["plain" if v == "plain" else f"{v}:K={k}"] for v in VARIANTS}
+        out[f"K={k}"] = {"per_s": per_s, "max_abs_diff_lorakit_vs_peft": check_agreement(models, batch, rows_of[k])}
+    return out
+
+
 def check_agreement(models: dict, batch: dict, rows: list[str]) -> float:
     """Max |lorakit - PEFT| over the mixed batch's logits: both must compute the same thing."""
     with torch.no_grad():
@@ -191,14 +207,8 @@ def part_classifier(args, device, dtype, folder: Path) -> dict:
     for set_name, ranks in RANK_SETS.items():
         paths = make_adapters(base, ranks, max(KS_CLS), ["query", "value"], folder / f"cls-{set_name}")
         models = build_variants(copy.deepcopy(base), paths, ["query", "value"], device, dtype)
-        for k in KS_CLS:
-            rows = [f"a{i % k}" for i in range(ROWS)]
-            calls = {v: classify_call(v, models, batch, rows) for v in VARIANTS}
-            seconds = measure(calls, args.repeats, device, f"classifier {set_name} K={k}")
-            results[f"{set_name}:K={k}"] = {
-                "examples_per_s": {v: ROWS / s for v, s in seconds.items()},
-                "max_abs_diff_lorakit_vs_peft": check_agreement(models, batch, rows),
-            }
+        found = sweep(models, batch, KS_CLS, classify_call, args.repeats, device, f"classifier {set_name}")
+        results.update({f"{set_name}:{key}": {"examples_per_s": row.pop("per_s"), **row} for key, row in found.items()})
     return results
 
 
@@ -215,18 +225,10 @@ def part_decoding(args, device, dtype, folder: Path) -> dict:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, base.config.vocab_size, (ROWS, PROMPT_LEN), generator=generator)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    results = {}
     paths = make_adapters(base, RANK_SETS["r8"], max(KS_GEN), "all-linear", folder / "gen")
     models = build_variants(copy.deepcopy(base), paths, "all-linear", device, dtype)
-    for k in KS_GEN:
-        rows = [f"a{i % k}" for i in range(ROWS)]
-        calls = {v: generate_call(v, models, batch, rows) for v in VARIANTS}
-        seconds = measure(calls, args.gen_repeats, device, f"decoding K={k}")
-        results[f"r8:K={k}"] = {
-            "tokens_per_s": {v: ROWS * NEW_TOKENS / s for v, s in seconds.items()},
-            "max_abs_diff_lorakit_vs_peft": check_agreement(models, batch, rows),
-        }
-    return results
+    found = sweep(models, batch, KS_GEN, generate_call, args.gen_repeats, device, "decoding", ROWS * NEW_TOKENS)
+    return {f"r8:{key}": {"tokens_per_s": row.pop("per_s"), **row} for key, row in found.items()}
 
 
 def summary(cls: dict, gen: dict) -> dict:
