@@ -239,3 +239,32 @@ def test_reused_slot_and_moved_model_never_use_stale_gathered_rows(tmp_path):
         third = multi.model(ids).logits
     assert third.dtype == torch.float64 and (third[:1] - second[:1]).abs().max() <= TOL
     assert all(t.cache[1].dtype == torch.float64 for t in multi.targets.values())
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@torch.no_grad()
+def test_adapters_saved_by_peft_give_peft_outputs(kind, tmp_path):
+    """A folder PEFT wrote (its own classifier head for BERT; Conv1D targets for GPT-2), served per
+    row, equals PEFT's own forward of that adapter."""
+    import peft
+
+    base = MODELS[kind](0).eval()
+    task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
+    targets = ["query", "value"] if kind == "bert" else ["c_attn", "c_fc"]
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=6, lora_alpha=9, target_modules=targets, task_type=task, fan_in_fan_out=kind == "gpt2"),
+    )
+    generator = torch.Generator().manual_seed(3)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name or "modules_to_save" in name:
+            param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    multi = MultiLoraModel(copy.deepcopy(base), slots=2, max_rank=8, target_modules=targets)
+    multi.load("p", tmp_path / "peft")
+    ids = torch.randint(1, 100, (2, 7), generator=generator)
+    with multi.use([None, "p"]):
+        out = multi.model(ids).logits
+    expected = peft_model.eval()(input_ids=ids).logits
+    assert (out[1:] - expected[1:]).abs().max() <= TOL
+    assert (out[:1] - base(ids[:1]).logits).abs().max() <= TOL
