@@ -7,9 +7,10 @@ Three modes of the same server, side by side in one run (order rotated between r
   base   every request on the plain base model, continuous batching (the floor)
 
 Clients send /v1/completions over HTTP (httpx, `--clients` at once) with a random adapter of
-`--adapters`, a random prompt of 8 to 24 tokens and `--max-tokens` new tokens (the model has no EOS,
-so every request produces exactly that many). Reports requests/s, tokens/s, p50/p99 latency and
-errors per mode, and the ratios mixed/swap and mixed/base of the medians over repeats.
+`--adapters`, a random prompt of 8 to 24 token ids and `--max-tokens` new tokens (the default
+random model has no EOS, so every request produces exactly that many; `--model default` serves
+the shipped SST-2 GPT, whose requests may stop early). Reports requests/s, tokens/s, p50/p99
+latency and errors per mode, and the ratios mixed/swap and mixed/base of the medians over repeats.
 
   python benchmarks/multi_adapter_server.py                       # 1,000 requests per mode
   python benchmarks/multi_adapter_server.py --requests 200 --repeats 1   # a quick run
@@ -146,30 +147,51 @@ def main() -> None:
     parser.add_argument("--modes", default="mixed,swap,base", help="comma list of mixed, swap, base")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--model", help="'default' (the shipped SST-2 GPT) or a causal-LM folder; default: a random small GPT-2"
+    )
     parser.add_argument("--out", help="JSON path (default benchmarks/results/multi_adapter_server-<device>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vocab = 1000
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lorakit import defaults
+
+        defaults.offline()
+        path = str(defaults.default_causal_lm_path()) if args.model == "default" else args.model
+
+        def build():
+            return AutoModelForCausalLM.from_pretrained(path).eval()
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        vocab = build().config.vocab_size
+    else:
+        vocab = 1000
+        tokenizer = word_tokenizer(vocab)
+
+        def build():
+            return small_gpt(vocab)
+
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     rng = random.Random(0)
     names = [f"ad{i:02d}" for i in range(args.adapters)]
     jobs = [
         {
             "model": rng.choice(names),
-            "prompt": " ".join(f"w{rng.randrange(2, vocab)}" for _ in range(rng.randint(8, 24))),
+            "prompt": [rng.randrange(2, vocab) for _ in range(rng.randint(8, 24))],  # token ids
             "max_tokens": args.max_tokens,
             "temperature": 0,
         }
         for _ in range(args.requests)
     ]
-    tokenizer = word_tokenizer(vocab)
     results: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(lambda: small_gpt(vocab), args.adapters, args.rank, Path(tmp))
+        adapters = make_adapters(build, args.adapters, args.rank, Path(tmp))
         for repeat in range(args.repeats):
             order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]  # rotate: no mode always first
             for mode in order:
-                model = small_gpt(vocab).to(args.device)
+                model = build().to(args.device)
                 result = run_mode(mode, model, tokenizer, adapters, jobs, args)
                 results[mode].append(result)
                 print(f"{mode:>5} #{repeat}: " + ", ".join(f"{k}={v:.3g}" for k, v in result.items() if v is not None))
