@@ -54,11 +54,18 @@ def initial_factors(
     if initial is not None:
         _, tensors, _ = read_adapter(initial)
         found = {}
-        for name, _ in layers:
+        for name, layer in layers:
             key_A, key_B = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
             if key_A not in tensors or key_B not in tensors:
                 raise UsageError(f"{initial} has no factors for {name}: give the adapter saved right after PiSSA init")
-            found[name] = (tensors[key_A], tensors[key_B])
+            A0, B0 = tensors[key_A], tensors[key_B]
+            if A0.shape != layer.lora_A[adapter_name].shape or B0.shape != layer.lora_B[adapter_name].shape:
+                raise UsageError(
+                    f"{initial}: {name}'s factors have shapes {tuple(A0.shape)}, {tuple(B0.shape)}, the adapter "
+                    f"{tuple(layer.lora_A[adapter_name].shape)}, {tuple(layer.lora_B[adapter_name].shape)}: "
+                    "give the adapter saved right after PiSSA init"
+                )
+            found[name] = (A0, B0)
         return found
     missing = [n for n, m in layers if adapter_name not in m.__dict__.get("pissa_initial", {})]
     if missing:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import functional as LF
 from lorakit.errors import LorakitError
 
 
@@ -115,8 +116,6 @@ def forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
 
 def _reference_forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     """PEFT's maths with autograd: dropout, several adapters, mixed dtypes, autocast."""
-    from lorakit import functional as LF
-
     result = layer.base_layer(x)
     w0 = _w0(layer)
     for name in names:
