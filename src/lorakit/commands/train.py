@@ -75,7 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the base model's own dropout (default 0: on a CPU it costs ~40%% of a training step; "
         "give 0.1 to keep BERT's usual value)",
     )
-    opt.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (for long runs: compiling takes minutes on a CPU)",
+    )
     opt.add_argument(
         "--no-group-by-length",
         dest="group_by_length",
