@@ -17,6 +17,7 @@ the dev evaluation (tokenizing, model loading, training, evaluation, saving).
 
   python benchmarks/quality_sst2.py                       # all four (~30 quiet CPU minutes)
   python benchmarks/quality_sst2.py --only lorakit-default,peft-trainer --limit 3000
+  python benchmarks/quality_sst2.py --only lorakit-peft --set '{"model_dropout": 0.0}'   # change lorakit fields
 
 Targets: lorakit-peft within 0.5 point of peft-trainer's dev accuracy in <= 0.5x its wall time;
 lorakit-default within 1.0 point of lorakit-full, also in <= 0.5x peft-trainer's wall time.
@@ -64,24 +65,16 @@ def run_lorakit(name: str, train_file: Path, dev: Path, work: Path, opts: argpar
 
     common = {"train": str(train_file), "eval": str(dev), "out": str(work / name), "batch_size": BATCH, "seed": SEED}
     common.update(epochs=1, log_every=50, overwrite=True, model=opts.model, precision=opts.precision)
-    common.update(json.loads(opts.set or "{}") if name == "lorakit-default" else {})
     if name == "lorakit-peft":
         p = PEFT_LORA
-        config = TrainConfig(
-            **common,
-            rank=p["r"],
-            alpha=p["alpha"],
-            dropout=p["dropout"],
-            targets=",".join(p["targets"]),
-            lr=p["lr"],
-            schedule="linear",
-            warmup=p["warmup"],
-            model_dropout=None,  # the model's own 0.1, as PEFT
-        )
+        fields = {"rank": p["r"], "alpha": p["alpha"], "dropout": p["dropout"], "targets": ",".join(p["targets"])}
+        fields.update(lr=p["lr"], schedule="linear", warmup=p["warmup"], model_dropout=None)  # model's own 0.1, as PEFT
     elif name == "lorakit-default":
-        config = TrainConfig(**common)
+        fields = {}
     else:
-        config = TrainConfig(**common, full=True, lr=5e-5, model_dropout=None)
+        fields = {"full": True, "lr": 5e-5, "model_dropout": None}
+    fields.update(json.loads(opts.set or "{}"))  # --set changes any field (recipe searches)
+    config = TrainConfig(**common, **fields)
     summary = train(config)
     ev = summary["final_eval"]
     return {
@@ -232,7 +225,7 @@ def main() -> int:
     parser.add_argument("--model", help="base model folder (default: the packaged MiniLM)")
     parser.add_argument("--data", default=str(DATA), help="folder with train.tsv and dev.tsv (../shared/data/sst2)")
     parser.add_argument("--precision", default="fp32", help="lorakit --precision (default fp32, as the Trainer)")
-    parser.add_argument("--set", help="JSON of TrainConfig fields changed in lorakit-default (recipe search)")
+    parser.add_argument("--set", help="JSON of TrainConfig fields changed in the lorakit-* runs (recipe search)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
