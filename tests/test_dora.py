@@ -313,3 +313,17 @@ def test_train_cli_variant_flag_errors(tmp_path, capsys, bert_dir, cls_files):  
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_inference_cache_sees_a_changed_magnitude():
+    """Merged inference caches W0 + dW; an in-place update of m alone must not serve a stale weight."""
+    layer = LoraLinear(nn.Linear(16, 12))
+    layer.add_adapter("a", 2, 1.0, use_dora=True)
+    randomise(layer)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        first = layer(x)
+        layer.lora_magnitude_vector["a"].mul_(2.0)
+        second = layer(x)
+    bias = layer.base_layer.bias
+    assert (second - bias - 2 * (first - bias)).abs().max() <= TOL

@@ -90,9 +90,8 @@ def forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     weight = layer.base_layer.weight
     dropout_on = layer.training and any(layer.dropout_p[n] for n in names)
     if not dropout_on and layer._fly_merge_pays(x):
-        if not torch.is_grad_enabled():  # inference: one matmul with the merged weight
-            merged = weight + sum(layer.delta_weight(n).to(weight.dtype) for n in names)
-            return layer._base_forward(x, merged)
+        if not torch.is_grad_enabled():  # inference: one matmul with the (cached) merged weight
+            return layer._base_forward(x, layer._cached_merged_weight(names))
         A = layer.lora_A[names[0]]
         if (
             len(names) == 1

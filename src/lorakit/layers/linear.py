@@ -121,6 +121,7 @@ class LoraLinear(LoraLayer):
         small batches. The price is one merged copy of each adapted weight.
         """
         tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        tensors += [self.lora_magnitude_vector[n] for n in names if n in self.lora_magnitude_vector]  # DoRA
         key = (tuple(names), tuple(self.scaling[n] for n in names), tuple((t.data_ptr(), t._version) for t in tensors))
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.merged_weight(names))
