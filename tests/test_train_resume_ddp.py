@@ -67,6 +67,7 @@ def test_killed_run_resumes_exactly(tmp_path, bert_dir, cls_files):  # noqa: F81
     assert proc.returncode == 75, proc.stderr[-2000:]  # died after step 5; the last checkpoint is step 4
     assert not (killed / "summary.json").exists() and len(losses(killed)) == 5
     assert main(args(bert_dir, cls_files, killed, *flags)) == 2  # an unfinished run needs --resume
+    assert main(args(bert_dir, cls_files, killed, *flags, "--resume", "--batch-size", "4")) == 2  # other plan
     assert main(args(bert_dir, cls_files, killed, *flags, "--resume")) == 0
     assert losses(killed) == pytest.approx(losses(whole), rel=1e-6, abs=1e-7)
     assert len(losses(killed)) == 6

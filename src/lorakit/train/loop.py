@@ -31,7 +31,15 @@ from lorakit.train.data import CausalLMData, ClassificationData, read_table, spl
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
 from lorakit.train.model import head_names, load_model, load_tokenizer, model_path, write_card
-from lorakit.train.report import SUMMARY_FILE, MetricsLog, folder_bytes, peak_memory, plot_losses, write_json
+from lorakit.train.report import (
+    SUMMARY_FILE,
+    MetricsLog,
+    folder_bytes,
+    peak_memory,
+    plot_losses,
+    read_records,
+    write_json,
+)
 
 OUTPUTS = ("adapter", "model", ckpt.CHECKPOINT_DIR, "metrics.jsonl", "loss.png", SUMMARY_FILE, "train_config.json")
 STOP_HOOK = "LORAKIT_TEST_STOP_AFTER_STEP"  # tests: die (as if killed) right after this step
@@ -198,8 +206,15 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "book": book,
             "world": self.dist.world,
+            "plan": self._plan_key(),
         }
         ckpt.save_checkpoint(self.out, state)
+
+    def _plan_key(self) -> dict[str, Any]:
+        """What fixes the data order and the schedule: a resumed run must match it exactly."""
+        c = self.config
+        keys = ("batch_size", "grad_accum", "seed", "group_by_length", "lr", "schedule", "warmup", "max_length")
+        return {**{k: getattr(c, k) for k in keys}, "total_steps": self.total_steps, "examples": len(self.lengths)}
 
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -226,6 +241,13 @@ class Trainer:
             if state.get("world", 1) != d.world:
                 raise UsageError(
                     f"--resume: the checkpoint was made by {state.get('world')} processes; resume with as many"
+                )
+            old, plan = state.get("plan", {}), self._plan_key()
+            changed = [f"{k} {old[k]!r} -> {plan[k]!r}" for k in plan if k in old and old[k] != plan[k]]
+            if changed:
+                raise UsageError(
+                    f"--resume: the run was started with other settings ({'; '.join(changed)}); "
+                    "resume with the same flags and data, or start a new run"
                 )
             ckpt.restore_trainable(self.model, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
@@ -374,9 +396,7 @@ class Trainer:
             **peak_memory(),
         }
         if self.dist.main:
-            records = MetricsLog.__new__(MetricsLog)
-            records.path = self.out / "metrics.jsonl"
-            plot_losses(records.records(), self.out / "loss.png")
+            plot_losses(read_records(self.out / "metrics.jsonl"), self.out / "loss.png")
             write_json(self.out / SUMMARY_FILE, summary)
             shutil.rmtree(self.out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
         return summary

@@ -35,8 +35,13 @@ class MetricsLog:
 
     def records(self) -> list[dict[str, Any]]:
         """Every record written so far."""
-        text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return read_records(self.path)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file ([] when there is none)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_atomically(path: Path, text: str) -> None:
