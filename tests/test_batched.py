@@ -268,3 +268,29 @@ def test_adapters_saved_by_peft_give_peft_outputs(kind, tmp_path):
     expected = peft_model.eval()(input_ids=ids).logits
     assert (out[1:] - expected[1:]).abs().max() <= TOL
     assert (out[:1] - base(ids[:1]).logits).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_threads_each_see_their_own_rows(tmp_path):
+    """use() is per thread: two threads forwarding on different adapters at once do not mix."""
+    import threading
+
+    base = tiny.gpt2(0).eval()
+    folders = {n: make_adapter(base, tmp_path / n, seed, r=4) for seed, n in enumerate("ab")}
+    multi = loaded(base, folders)
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(4))
+    expected = {n: reference(base, f)(ids).logits for n, f in folders.items()}
+    failures: list[str] = []
+
+    def work(name: str) -> None:
+        for _ in range(15):
+            with multi.use([name, name]):
+                if (multi.model(ids).logits - expected[name]).abs().max() > TOL:
+                    failures.append(name)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
