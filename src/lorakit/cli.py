@@ -91,6 +91,9 @@ def _convert(action: argparse.Action, key: str, value: Any) -> tuple[Any, str | 
 
 
 def _convert_one(action: argparse.Action, key: str, value: Any, want: str) -> tuple[Any, str | None]:
+    if isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values()):
+        # A TOML/YAML table for a NAME=VALUE,... flag such as --rank-pattern: the same text the flag takes.
+        value = ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, dict | list):
         return None, f"{key} must be a single value like {want} takes, not {type(value).__name__}"
     if action.type is not None and not (action.type is float and isinstance(value, int | float)):
