@@ -164,3 +164,21 @@ def test_early_stopping_stops_after_patience(tmp_path, bert_dir, cls_files):  # 
     summary = run(tmp_path / "es", bert_dir, cls_files, max_steps=20, eval_every=1, early_stopping=2, lr=1e-12)
     assert summary["steps"] == 3 and summary["best_step"] == 1
     assert [r["step"] for r in records(tmp_path / "es")] == [1, 2, 3]
+
+
+def test_max_length_is_capped_by_the_model(tmp_path, gpt_dir):  # noqa: F811
+    # the tiny GPT has 128 positions: a longer example would index past its position table
+    long_text = " ".join(["good movie"] * 150)
+    train_file = write_jsonl(tmp_path / "long.jsonl", [{"text": long_text}] * 4)
+    config = TrainConfig(
+        model=str(gpt_dir),
+        task="causal-lm",
+        train=str(train_file),
+        out=str(tmp_path / "o"),
+        max_length=1000,
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+    )
+    summary = train(config)
+    assert summary["steps"] == 1 and config.max_length == 128

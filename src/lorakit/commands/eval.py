@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli import require
     from lorakit.train.data import CausalLMData, ClassificationData, read_table
     from lorakit.train.evaluate import evaluate
-    from lorakit.train.model import load_model, load_tokenizer, model_path
+    from lorakit.train.model import load_model, load_tokenizer, max_tokens, model_path
 
     require(args, "adapter", "data")
     folder = adapter_folder(args.adapter)
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     path = model_path(given, task)
     tokenizer = load_tokenizer(path)
     rows = read_table(args.data)
-    common = {"text_column": args.text_column, "max_length": args.max_length, "path": args.data}
+    limit = max_tokens(path, tokenizer, args.max_length)
+    common = {"text_column": args.text_column, "max_length": limit, "path": args.data}
     if task == "classify":
         data = ClassificationData.from_rows(rows, tokenizer, label_column=args.label_column, labels=labels, **common)
     else:

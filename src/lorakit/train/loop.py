@@ -30,7 +30,7 @@ from lorakit.train.config import TrainConfig, lora_config_from_args
 from lorakit.train.data import CausalLMData, ClassificationData, read_table, split_rows
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
-from lorakit.train.model import head_names, load_model, load_tokenizer, model_path, write_card
+from lorakit.train.model import head_names, load_model, load_tokenizer, max_tokens, model_path, write_card
 from lorakit.train.report import (
     SUMMARY_FILE,
     MetricsLog,
@@ -128,6 +128,7 @@ class Trainer:
         check_out_dir(self.out, config.resume, config.overwrite)
         self.base = model_path(config.model, config.task)
         self.tokenizer = load_tokenizer(self.base)
+        config.max_length = max_tokens(self.base, self.tokenizer, config.max_length)
         self.train_data, self.eval_data = build_datasets(config, self.tokenizer)
         self.labels = getattr(self.train_data, "labels", None)
         self.autocast = resolve_precision(config.precision, self.dist.device)

@@ -59,6 +59,23 @@ def load_tokenizer(path: Path) -> Any:
         raise UsageError(f"--model {path}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
 
 
+def max_tokens(path: Path, tokenizer: Any, wanted: int) -> int:
+    """`wanted`, capped at what the model can take (its position table) and the tokenizer's
+    limit: a longer example would crash inside the model instead of being truncated."""
+    from transformers import AutoConfig
+
+    limits = [wanted]
+    config = AutoConfig.from_pretrained(str(path))
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:  # "no limit" is a huge sentinel
+        limits.append(tok_limit)
+    return min(limits)
+
+
 def load_model(path: Path, task: str, labels: list[str] | None = None, model_dropout: float | None = None) -> nn.Module:
     """A transformers model for the task: a fresh classification head sized by `labels`, or a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
