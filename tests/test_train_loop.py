@@ -182,3 +182,14 @@ def test_max_length_is_capped_by_the_model(tmp_path, gpt_dir):  # noqa: F811
     )
     summary = train(config)
     assert summary["steps"] == 1 and config.max_length == 128
+
+
+def test_non_finite_loss_stops_with_advice(tmp_path, bert_dir, cls_files, monkeypatch):  # noqa: F811
+    import lorakit.train.loop as loop
+    from lorakit.errors import UsageError
+
+    real = loop.loss_sum
+    monkeypatch.setattr(loop, "loss_sum", lambda logits, labels: real(logits, labels) * float("nan"))
+    with pytest.raises(UsageError, match="loss became nan at step 1: lower --lr"):
+        run(tmp_path / "nan", bert_dir, cls_files)
+    assert not (tmp_path / "nan" / "summary.json").exists()

@@ -315,6 +315,11 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             (step_loss,) = d.all_sum([local_loss])
+            if not math.isfinite(step_loss):  # every later step would be garbage: stop with advice
+                raise UsageError(
+                    f"the training loss became {step_loss} at step {step}: lower --lr, keep --max-grad-norm on, "
+                    "or use --precision fp32"
+                )
             n_examples = sum(len(b) for b in micro)
             elapsed = time.perf_counter() - tick
             book["win_loss"] += step_loss
