@@ -27,10 +27,10 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.batching import collate, pad_id_of, plan_epoch, shard
 from lorakit.train.config import TrainConfig, lora_config_from_args
-from lorakit.train.data import CausalLMData, ClassificationData, read_table, split_rows
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
 from lorakit.train.model import head_names, load_model, load_tokenizer, max_tokens, model_path, write_card
+from lorakit.train.prepare import build_datasets, check_out_dir, lr_lambda, resolve_precision
 from lorakit.train.report import (
     SUMMARY_FILE,
     MetricsLog,
@@ -43,78 +43,6 @@ from lorakit.train.report import (
 
 OUTPUTS = ("adapter", "model", ckpt.CHECKPOINT_DIR, "metrics.jsonl", "loss.png", SUMMARY_FILE, "train_config.json")
 STOP_HOOK = "LORAKIT_TEST_STOP_AFTER_STEP"  # tests: die (as if killed) right after this step
-
-
-def build_datasets(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None]:
-    """(train, eval or None) tokenized; every data problem is a DataError before anything is written."""
-    rows = read_table(config.train)
-    eval_rows, eval_path = None, config.eval
-    if config.eval:
-        eval_rows = read_table(config.eval)
-    elif config.eval_split:
-        rows, eval_rows = split_rows(rows, config.eval_split, config.seed)
-        eval_path = f"{config.train} (held-out split)"
-    common = {"text_column": config.text_column, "max_length": config.max_length}
-    if config.task == "classify":
-        train = ClassificationData.from_rows(
-            rows, tokenizer, label_column=config.label_column, path=config.train, **common
-        )
-        held = None
-        if eval_rows is not None:
-            held = ClassificationData.from_rows(
-                eval_rows, tokenizer, label_column=config.label_column, labels=train.labels, path=eval_path, **common
-            )
-        return train, held
-    lm = {"prompt_column": config.prompt_column, "completion_column": config.completion_column, **common}
-    train = CausalLMData.from_rows(rows, tokenizer, path=config.train, **lm)
-    held = CausalLMData.from_rows(eval_rows, tokenizer, path=eval_path, **lm) if eval_rows is not None else None
-    return train, held
-
-
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished or unfinished run unless told to (nothing is deleted here)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder for the run")
-    finished = (out / SUMMARY_FILE).is_file()
-    pending = (out / ckpt.CHECKPOINT_DIR / ckpt.STATE_FILE).is_file()
-    if resume:
-        if finished and not pending:
-            raise UsageError(f"--resume: the run in {out} has finished; nothing to resume (use --overwrite to redo it)")
-        return
-    if overwrite:
-        return
-    if finished:
-        raise UsageError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another folder")
-    if pending:
-        raise UsageError(f"--out {out} holds an unfinished run; pass --resume to continue it or --overwrite")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain fp32) for --precision on this device."""
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    if precision == "fp16" and not cuda:
-        raise UsageError("--precision fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UsageError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the peak lr at each step: linear warm-up, then linear or cosine decay to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return factor
 
 
 class Trainer:
