@@ -108,12 +108,15 @@ class Trainer:
         if not self.dist.main:
             return
         if self.lora is None:
-            tmp = self.out / ".model.tmp"
+            tmp, old, final = self.out / ".model.tmp", self.out / ".model.old", self.out / "model"
             shutil.rmtree(tmp, ignore_errors=True)
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(self.out / "model", ignore_errors=True)
-            os.replace(tmp, self.out / "model")
+            if final.exists():  # the previous best stays whole until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             return
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
             from lorakit.init import save_pissa_as_lora
