@@ -103,14 +103,15 @@ def test_lora_learns_keeps_best_adapter_and_stops_early(tmp_path, bert_dir, cls_
 def test_full_fine_tuning_saves_a_plain_model(tmp_path, bert_dir, cls_files):  # noqa: F811
     from transformers import AutoModelForSequenceClassification
 
-    summary = run(tmp_path / "full", bert_dir, cls_files, full=True, max_steps=3, lr=1e-3)
+    summary = run(tmp_path / "full", bert_dir, cls_files, full=True, max_steps=3, lr=1e-3, eval_every=1)
     assert summary["trainable_params"] == summary["total_params"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full" / "model")
     from lorakit.train.model import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "full" / "model")
     dev = ClassificationData.from_rows(make_rows(30, 1), tok, labels=["neg", "neu", "pos"])
-    assert evaluate(model, tok, dev)["loss"] == pytest.approx(summary["final_eval"]["loss"], abs=1e-5)
+    assert evaluate(model, tok, dev)["loss"] == pytest.approx(summary["best_eval"]["loss"], abs=1e-5)  # the best
+    assert sorted(p.name for p in (tmp_path / "full").iterdir() if p.name.startswith(".")) == []
 
 
 def test_causal_lm_prompt_completion_run_and_eval_command(tmp_path, gpt_dir, capsys):  # noqa: F811
