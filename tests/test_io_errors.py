@@ -372,3 +372,19 @@ def test_plain_adapter_into_an_existing_fused_layer_is_refused_before_any_change
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     fresh = lorakit.load_adapter(gpt2(), tmp_path / "adapter")  # a fresh base takes it as plain LoRA
     assert len(lorakit.lora_layers(fresh)) == 2
+
+
+def test_saved_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """Temp folders are 0700 and temp files 0600 by default; a saved adapter must not keep that,
+    or an adapter shipped in a package or shared on a server is unreadable to other users."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        model = lorakit.inject(tiny.bert(0), lorakit.LoraConfig(r=2, target_modules=["query"]))
+        out = lorakit.save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    for file in out.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o644, file.name

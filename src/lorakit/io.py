@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lorakit.atomic import replace_folder
 from lorakit.config import ConfigError, LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import (
@@ -153,27 +152,7 @@ def _write_folder_atomically(out: Path, write) -> Path:
             f"{out} exists and is not an adapter folder; lorakit replaces only folders holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}: choose a new or empty path"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)  # the old adapter stays complete until the new one is in place
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)  # put the old adapter back rather than leave it hidden
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return replace_folder(out, write)
 
 
 def _base_name(model: nn.Module) -> str | None:

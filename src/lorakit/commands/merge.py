@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from lorakit.atomic import replace_folder
 from lorakit.errors import UsageError
 
 HELP = "merge an adapter into its base model: a plain Hugging Face folder with the same outputs"
@@ -230,24 +229,7 @@ def check_output_folder(out: Path, overwrite: bool, model_path: str | None = Non
 def write_folder_atomically(out: Path, write) -> Path:
     """Call write(tmp) on a temp folder beside `out`, then put it in place of `out` by renames;
     on any error `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)  # the old folder stays whole until the new one is in place
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return replace_folder(out, write)
 
 
 def _probe_inputs(model: nn.Module, tokenizer: Any) -> dict[str, torch.Tensor]:

@@ -7,15 +7,14 @@ batch plans are a pure function of seed and epoch) and the best-so-far bookkeepi
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from lorakit.atomic import replace_file
 from lorakit.errors import UsageError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -58,16 +57,7 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     while writing leaves the previous checkpoint intact."""
     folder = out / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / STATE_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_file(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
     return folder / STATE_FILE
 
 
