@@ -2,10 +2,12 @@
 
 Train small low-rank adapters on a frozen model, save them in PEFT's file format, merge
 them for zero-latency inference, or keep several on one base. `import lorakit as lora`
-also runs code written for Microsoft's loralib.
+also runs code written for Microsoft's loralib. The trainer is `lorakit.train`, the
+multi-adapter engine and server `lorakit.serve` (imported on use: they pull in more).
 """
 
 from lorakit.adapters import delete_adapter, disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge
+from lorakit.combine import combine, combine_adapters
 from lorakit.compat import (
     Conv1d,
     Conv2d,
@@ -16,9 +18,15 @@ from lorakit.compat import (
     mark_only_lora_as_trainable,
 )
 from lorakit.config import ConfigError, LoraConfig
+from lorakit.errors import DataError, LorakitError, UsageError
+from lorakit.extract import extract_adapter
+from lorakit.init import save_pissa_as_lora
 from lorakit.inject import TargetError, inject, lora_layers, parameter_report
 from lorakit.io import AdapterError, load_adapter, read_adapter, save_adapter
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.layers.dora import DoraError
+from lorakit.layers.pissa import PissaError
+from lorakit.quant import dequantize_model, quantize_model
 
 __version__ = "0.1.0"
 
@@ -48,7 +56,18 @@ __all__ = [
     "Conv2d",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
+    "save_pissa_as_lora",
+    "quantize_model",
+    "dequantize_model",
+    "extract_adapter",
+    "combine",
+    "combine_adapters",
+    "LorakitError",
+    "UsageError",
+    "DataError",
     "ConfigError",
     "TargetError",
     "AdapterError",
+    "DoraError",
+    "PissaError",
 ]
