@@ -63,7 +63,8 @@ def folder_bytes(path: Path) -> int:
 def run_lorakit(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Namespace) -> dict:
     from lorakit.train import TrainConfig, train
 
-    common = {"train": str(train_file), "eval": str(dev), "out": str(work / name), "batch_size": BATCH, "seed": SEED}
+    common = {"train": str(train_file), "eval": str(dev), "out": str(work / name), "batch_size": BATCH}
+    common["seed"] = opts.seed
     common.update(epochs=1, log_every=50, overwrite=True, model=opts.model, precision=opts.precision)
     if name == "lorakit-peft":
         p = PEFT_LORA
@@ -116,7 +117,7 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Na
         ]
 
     train_set, dev_set = encode(train_file), encode(dev)
-    torch.manual_seed(SEED)
+    torch.manual_seed(opts.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     lr = 5e-5
     if name == "peft-trainer":
@@ -136,7 +137,7 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Na
         num_train_epochs=1,
         lr_scheduler_type="linear",
         warmup_steps=0.06,  # transformers 5: a float below 1 is a ratio (warmup_ratio is gone)
-        seed=SEED,
+        seed=opts.seed,
         save_strategy="no",
         report_to=[],
         logging_steps=50,
@@ -226,6 +227,7 @@ def main() -> int:
     parser.add_argument("--data", default=str(DATA), help="folder with train.tsv and dev.tsv (../shared/data/sst2)")
     parser.add_argument("--precision", default="fp32", help="lorakit --precision (default fp32, as the Trainer)")
     parser.add_argument("--set", help="JSON of TrainConfig fields changed in the lorakit-* runs (recipe search)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (head, order, dropout); sample: seed 0")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,6 +258,8 @@ def main() -> int:
                 args.data,
                 "--precision",
                 args.precision,
+                "--seed",
+                str(args.seed),
             ]
             cmd += (["--model", args.model] if args.model else []) + (["--set", args.set] if args.set else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: live progress bars
@@ -281,7 +285,8 @@ def main() -> int:
         "model": args.model or "packaged MiniLM",
         "threads": args.threads,
         "batch": BATCH,
-        "seed": SEED,
+        "sample_seed": SEED,
+        "seed": args.seed,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "results": results,
