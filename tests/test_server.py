@@ -139,6 +139,9 @@ def test_api_keys_401_and_403(server):
     with pytest.raises(openai.PermissionDeniedError) as err:
         client(server, USER).completions.create(model="b", prompt="the", max_tokens=2)
     assert err.value.status_code == 403 and err.value.body["param"] == "model"
+    # An adapter that does not exist looks the same to a key that may not use it: no existence leak.
+    with pytest.raises(openai.PermissionDeniedError):
+        client(server, USER).completions.create(model="no-such-adapter", prompt="the", max_tokens=2)
     denied = post(server, "/v1/adapters", {"name": "x", "path": "gpt2/c"}, key=USER)  # only "*" keys manage adapters
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
     assert post(server, "/v1/completions", {"model": "a", "prompt": "the"}, key="").status_code == 401

@@ -150,11 +150,12 @@ def create_app(
     def adapter_for(request: Request, model: str) -> str | None:
         """The registry name for `model` (None for the base), after the key check."""
         grant = grant_of(request)
+        # The grant first: a key must not learn which adapters it may not use exist (403 either way).
+        if grant is not None and not grant.allows(model):
+            raise APIError(403, f"this API key may not use model {model!r}", param="model", code="forbidden")
         if model != base_name and model not in registry.known():
             raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
                            code="model_not_found")  # fmt: skip
-        if grant is not None and not grant.allows(model):
-            raise APIError(403, f"this API key may not use model {model!r}", param="model", code="forbidden")
         return None if model == base_name else model
 
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
