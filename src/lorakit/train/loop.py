@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lorakit
+from lorakit.atomic import replace_folder
 from lorakit.errors import UsageError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
@@ -107,16 +108,13 @@ class Trainer:
     def _save_output(self) -> None:
         if not self.dist.main:
             return
-        if self.lora is None:
-            tmp, old, final = self.out / ".model.tmp", self.out / ".model.old", self.out / "model"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if final.exists():  # the previous best stays whole until the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.lora is None:  # the previous best stays whole until the new one is in place
+
+            def write(tmp: Path) -> None:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+
+            replace_folder(self.out / "model", write)
             return
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
             from lorakit.init import save_pissa_as_lora
@@ -219,7 +217,7 @@ class Trainer:
             tick = time.perf_counter()
             micro = self._micro_batches(step)
             total_weight = sum(weights[i] for batch in micro for i in batch)
-            local_loss = 0.0
+            local_loss: Any = 0.0
             for j, batch_ids in enumerate(micro):
                 local, scale = shard(batch_ids, d.rank, d.world), 1.0
                 if not local:  # a short last batch: join DDP's all-reduce with a zero contribution
@@ -232,7 +230,7 @@ class Trainer:
                     summed = loss_sum(logits, batch["labels"]) * scale
                     loss = summed * (d.world / total_weight)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                local_loss += float(summed.detach())
+                local_loss += summed.detach().double()  # no device sync per micro-batch; read once below
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if c.max_grad_norm > 0:
@@ -245,7 +243,7 @@ class Trainer:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (step_loss,) = d.all_sum([local_loss])
+            (step_loss,) = d.all_sum([float(local_loss)])
             if not math.isfinite(step_loss):  # every later step would be garbage: stop with advice
                 raise UsageError(
                     f"the training loss became {step_loss} at step {step}: lower --lr, keep --max-grad-norm on, "
