@@ -43,7 +43,8 @@ def run_demo(
     out_dir/train (adapter/, metrics.jsonl, loss.png, summary.json), out_dir/merged (a plain
     Hugging Face folder) and out_dir/demo_report.json."""
     from lorakit.adapters import merge, merge_and_unload
-    from lorakit.commands.merge import load_adapted, write_folder_atomically
+    from lorakit.atomic import replace_folder
+    from lorakit.commands._common import load_adapted
     from lorakit.defaults import offline
     from lorakit.train import TrainConfig, Trainer, evaluate
 
@@ -88,7 +89,7 @@ def run_demo(
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    write_folder_atomically(merged_dir, write)
+    replace_folder(merged_dir, write)
     from transformers import AutoModelForSequenceClassification
 
     from_disk = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load, generate, print."""
-    from lorakit.commands.merge import CAUSAL_LM, load_adapted
+    from lorakit.commands._common import CAUSAL_LM, load_adapted
     from lorakit.errors import UsageError
 
     problems = []

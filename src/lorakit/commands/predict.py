@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, classify in batches, print."""
-    from lorakit.commands.merge import CLASSIFY, load_adapted
+    from lorakit.commands._common import CLASSIFY, load_adapted
     from lorakit.errors import UsageError
 
     if not args.data and not args.text:
