@@ -147,7 +147,7 @@ class MultiLoraModel:
 
         return hook
 
-    def _head_hook(self, head: _Head):
+    def _head_hook(self):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
             batch = getattr(self._local, "batch", None)
             if batch is None:
@@ -365,7 +365,7 @@ class MultiLoraModel:
                 if head_name not in self.heads:
                     module = dict(walk(self.model))[head_name]
                     head = self.heads[head_name] = _Head(head_name, module, self.slots)
-                    self._handles.append(module.register_forward_hook(self._head_hook(head), with_kwargs=True))
+                    self._handles.append(module.register_forward_hook(self._head_hook(), with_kwargs=True))
             for head_name, head in self.heads.items():
                 params = plan.heads.get(head_name, {})
                 base = self.base_slot
