@@ -277,8 +277,8 @@ class Engine:
             if request.cancelled:
                 finished.append((row, "cancelled"))
                 continue
-            sample = row.generator is not None and request.params.temperature > 0
-            token = pick_token(logits[i].cpu(), request.params, row.generator) if sample else greedy[i]
+            # rows get a generator in _prefill only when they sample (temperature > 0)
+            token = greedy[i] if row.generator is None else pick_token(logits[i].cpu(), request.params, row.generator)
             row.last = token
             reason = None
             if token in self.eos_ids and not request.params.ignore_eos:
@@ -303,11 +303,9 @@ class Engine:
 
     def _emit(self, request: GenerationRequest) -> bool:
         """Stream the new safe text; True when a stop sequence has appeared (text cut before it)."""
-        text = self._text(request)
         stops = request.params.stop
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+        text, stopped = _cut_at_stop(self._text(request), stops)
+        if stopped:
             safe = len(text)
         else:
             # hold back what could still become a stop sequence, and a half-decoded character
@@ -318,14 +316,10 @@ class Engine:
         if safe > request._emitted:
             request._put(text[request._emitted : safe])
             request._emitted = safe
-        return cut >= 0
+        return stopped
 
     def _close(self, request: GenerationRequest, reason: str, error: str | None = None) -> None:
-        text = self._text(request)
-        for stop in request.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
+        text, _ = _cut_at_stop(self._text(request), request.params.stop)
         if reason not in ("cancelled", "error") and len(text) > request._emitted:
             request._put(text[request._emitted :])
             request._emitted = len(text)
@@ -335,6 +329,12 @@ class Engine:
             except Exception:  # the adapter may have been removed meanwhile; nothing left to release
                 log.debug("unpin %r failed", request.adapter, exc_info=True)
         request._finish(Completion(text, list(request.output_ids), reason, len(request.prompt_ids), error))
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop sequence in it, and whether one appeared."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def _context_length(config: Any) -> int:
