@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lorakit import LoraConfig, inject
+from lorakit.atomic import replace_file
 from lorakit.io import save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.app import create_app, serve_in_background
@@ -217,10 +218,7 @@ def main() -> None:
     }
     device_kind = "cuda" if args.device.startswith("cuda") else "cpu"
     out = Path(args.out or Path(__file__).parent / "results" / f"multi_adapter_server-{device_kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(out)
+    replace_file(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     print(json.dumps({"median": median, "ratios": ratios}, indent=2))
     print(f"wrote {out}")
 
