@@ -79,8 +79,7 @@ class AdapterRegistry:
     def remove(self, name: str) -> None:
         """Forget adapter `name`; running requests that pinned it finish on it first."""
         with self._lock:
-            if name not in self._paths or name in self._removing:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered; known: {self.known() or 'none'}")
+            self._check_known(name)
             if self._pins[name] > 0:
                 self._removing.add(name)
                 return
@@ -99,8 +98,7 @@ class AdapterRegistry:
     def path_of(self, name: str) -> Path:
         """The folder adapter `name` is registered from."""
         with self._lock:
-            if name not in self._paths or name in self._removing:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered; known: {self.known() or 'none'}")
+            self._check_known(name)
             return self._paths[name]
 
     def pin(self, name: str | None) -> None:
@@ -112,8 +110,7 @@ class AdapterRegistry:
         if name is None:
             return
         with self._lock:
-            if name not in self._paths or name in self._removing:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered; known: {self.known() or 'none'}")
+            self._check_known(name)
             if name not in self._lru:
                 self._make_resident(name)
             self._lru.move_to_end(name)
@@ -138,6 +135,10 @@ class AdapterRegistry:
             return dict(self._pins)
 
     # --- internals (hold self._lock) -------------------------------------------------------
+    def _check_known(self, name: str) -> None:
+        if name not in self._paths or name in self._removing:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered; known: {self.known() or 'none'}")
+
     def _make_resident(self, name: str) -> None:
         self._evict_for_one()
         self.multi.load(name, self._paths[name])
