@@ -102,9 +102,6 @@ class LoraLayer(nn.Module):
             self.unmerge()
         del self.lora_A[name], self.lora_B[name]
         del self.rank[name], self.scaling[name], self.dropout_p[name]
-        magnitudes = getattr(self, "lora_magnitude_vector", None)  # DoRA (linear layers)
-        if magnitudes is not None and name in magnitudes:
-            del magnitudes[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._refresh()
 

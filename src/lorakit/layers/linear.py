@@ -36,6 +36,7 @@ class LoraLinear(LoraLayer):
         self.enable_lora = enable_lora
         self._weight_cache: tuple | None = None  # (key, merged weight) for unmerged inference
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA magnitudes by adapter (layers/dora.py)
+        self._dora_names: frozenset[str] = frozenset()  # its keys, kept by _refresh for a cheap forward test
 
     @staticmethod
     def adapter_shapes(base: nn.Module, r: int, enable_lora: list[bool] | None = None):
@@ -72,11 +73,11 @@ class LoraLinear(LoraLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        if self.lora_magnitude_vector and any(n in self.lora_magnitude_vector for n in names):
+        if self._dora_names and not self._dora_names.isdisjoint(names):
             return dora.forward(self, x, names)  # its own fused training path and merged inference
         dropout_on = self.training and any(self.dropout_p[n] for n in names)
         # A quantized base has no dense weight to add dW to: the factored path only.
-        if not dropout_on and not self.quantized and self._fly_merge_pays(x):
+        if not dropout_on and self._fly_merge_pays(x) and not self.quantized:
             weight = self.base_layer.weight
             if not torch.is_grad_enabled():  # inference: one matmul with W + dW
                 return self._base_forward(x, self._cached_merged_weight(names))
@@ -127,9 +128,15 @@ class LoraLinear(LoraLayer):
             self._weight_cache = (key, self.merged_weight(names))
         return self._weight_cache[1]
 
+    def delete_adapter(self, name: str) -> None:
+        if name in self.lora_magnitude_vector:  # DoRA; dropped before the base's _refresh
+            del self.lora_magnitude_vector[name]
+        super().delete_adapter(name)
+
     def _refresh(self) -> None:
         super()._refresh()
         self._weight_cache = None
+        self._dora_names = frozenset(self.lora_magnitude_vector)
 
     def train(self, mode: bool = True) -> LoraLinear:
         self._weight_cache = None  # training changes the weights: do not keep a copy around
