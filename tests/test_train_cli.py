@@ -6,29 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_fixtures import bert_dir, cls_files, make_rows, other_bert_dir, write_tsv  # noqa: F401
+from test_train_fixtures import bert_dir, cls_files, make_rows, other_bert_dir, train_argv, write_tsv  # noqa: F401
 
 from lorakit.cli import main
 
 
 def train_args(model, files, out, *extra):
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--train",
-        str(files[0]),
-        "--eval",
-        str(files[1]),
-        "--out",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--no-progress",
-        *extra,
-    ]
+    return train_argv(model, files[0], out, *extra, eval_file=files[1])
 
 
 def one_error_line(capsys, code, command="train"):

@@ -43,6 +43,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def train_argv(
+    model: Path, train: Path, out: Path, *extra: str, eval_file: Path | None = None, max_steps: int = 2
+) -> list[str]:
+    """`lorakit train` arguments: batch size 8, no progress bar; `extra` comes last, so its flags win."""
+    argv = ["train", "--model", str(model), "--train", str(train)]
+    if eval_file is not None:
+        argv += ["--eval", str(eval_file)]
+    return [*argv, "--out", str(out), "--max-steps", str(max_steps), "--batch-size", "8", "--no-progress", *extra]
+
+
 def _tokenizer():
     from transformers import AutoTokenizer
 
@@ -50,34 +60,29 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(default_model_path())
 
 
-@pytest.fixture(scope="session")
-def bert_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved as a Hugging Face folder."""
+def _save_bert(folder: Path, seed: int) -> Path:
+    """A 2-layer BERT (hidden 32) with random weights from `seed` and MiniLM's tokenizer, saved in `folder`."""
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     )
     BertModel(config).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved as a Hugging Face folder."""
+    return _save_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_bert_dir(tmp_path_factory) -> Path:
     """The same architecture with other random weights (an adapter for bert_dir does not fit)."""
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert-other")
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    BertModel(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
-    return folder
+    return _save_bert(tmp_path_factory.mktemp("tiny-bert-other"), seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_train_fixtures import bert_dir, cls_files  # noqa: F401
+from test_train_fixtures import bert_dir, cls_files, train_argv  # noqa: F401
 
 import lorakit
 from lorakit.cli import main
@@ -25,25 +25,7 @@ def losses(out):
 
 
 def args(model, files, out, *extra):
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--train",
-        str(files[0]),
-        "--out",
-        str(out),
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "8",
-        "--log-every",
-        "1",
-        "--lr",
-        "1e-2",
-        "--no-progress",
-        *extra,
-    ]
+    return train_argv(model, files[0], out, "--log-every", "1", "--lr", "1e-2", *extra, max_steps=6)
 
 
 def child_env(**extra):
