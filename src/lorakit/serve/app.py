@@ -147,6 +147,11 @@ def create_app(
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
         return grant
 
+    def require_admin(request: Request, verb: str) -> None:
+        grant = grant_of(request)
+        if grant is not None and not grant.admin:
+            raise APIError(403, f"only a '*' API key may {verb} adapters", code="forbidden")
+
     def adapter_for(request: Request, model: str) -> str | None:
         """The registry name for `model` (None for the base), after the key check."""
         grant = grant_of(request)
@@ -339,9 +344,7 @@ def create_app(
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> Any:
-        grant = grant_of(request)
-        if grant is not None and not grant.admin:
-            raise APIError(403, "only a '*' API key may load adapters", code="forbidden")
+        require_admin(request, "load")
         body = await parse(request, AdapterBody)
         if root is None:
             raise APIError(
@@ -366,9 +369,7 @@ def create_app(
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str, request: Request) -> Any:
-        grant = grant_of(request)
-        if grant is not None and not grant.admin:
-            raise APIError(403, "only a '*' API key may remove adapters", code="forbidden")
+        require_admin(request, "remove")
         if name not in registry.known():
             raise APIError(404, f"adapter {name!r} is not loaded", param="name", code="model_not_found")
         try:
