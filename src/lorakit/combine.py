@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lorakit.errors import UsageError
 from lorakit.extract import low_rank_factors
@@ -36,10 +35,9 @@ from lorakit.io import (
     CONFIG_NAME,
     FINGERPRINT_KEY,
     PREFIX,
-    WEIGHTS_NAME,
     AdapterError,
-    _write_folder_atomically,
     read_adapter,
+    write_adapter_folder,
 )
 
 METHODS = ("linear", "cat", "svd")
@@ -195,9 +193,4 @@ def combine(
     sources = {Path(p).resolve() for p in paths}
     if Path(out).resolve() in sources:
         raise UsageError(f"--out {out} is one of the inputs: write the combined adapter to a new folder")
-
-    def write(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    return _write_folder_atomically(Path(out), write)
+    return write_adapter_folder(out, config, tensors, metadata)

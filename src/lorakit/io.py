@@ -138,20 +138,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     peft_config["alpha_pattern"] = {**alpha_pattern, **config.alpha_pattern}
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(_target_weights(targets))}
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-
-    def write(folder: Path) -> None:
-        save_file(plain, str(folder / WEIGHTS_NAME), metadata=metadata)
-        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-
-    return _write_folder_atomically(Path(path), write)
+    return write_adapter_folder(path, peft_config, plain, metadata)
 
 
-def _write_folder_atomically(out: Path, write) -> Path:
+def write_adapter_folder(
+    path: str | os.PathLike, peft_config: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write an adapter folder (config JSON + safetensors with PEFT keys) atomically.
+
+    Refuses to replace an existing path that is not an adapter folder (AdapterError)."""
+    out = Path(path)
     if out.exists() and (not out.is_dir() or set(os.listdir(out)) - _ADAPTER_FILES):
         raise AdapterError(
             f"{out} exists and is not an adapter folder; lorakit replaces only folders holding "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}: choose a new or empty path"
         )
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
+        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+
     return replace_folder(out, write)
 
 
