@@ -66,7 +66,7 @@ def _as_text(value: Any) -> str:
         return str(value).lower()
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def _read_delimited(text: str, file: Path, delimiter: str) -> list[dict[str, str]]:
