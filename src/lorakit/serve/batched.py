@@ -199,14 +199,13 @@ class MultiLoraModel:
         """Read and check an adapter folder against this model; raise AdapterError listing every
         problem. Nothing changes. `force` skips the base-fingerprint check."""
         config, tensors, metadata = read_adapter(path)
-        if getattr(config, "use_dora", False):  # DoRA rescales W + dW per output: not a gathered low-rank add
+        # DoRA rescales W + dW per output: not a gathered low-rank add (config flag or saved magnitudes)
+        if getattr(config, "use_dora", False) or any("lora_magnitude_vector" in key for key in tensors):
             raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
         plan, problems = AdapterPlan(Path(path)), []
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         heads = dict(walk(self.model))
         for key, tensor in tensors.items():
-            if "lora_magnitude_vector" in key:
-                raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 problems.append(f"{key} is not a finite floating-point tensor")
                 continue
