@@ -70,6 +70,7 @@ def load_pretrained(path: str, role: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.atomic import replace_file
     from lorakit.cli import require
     from lorakit.errors import UsageError
     from lorakit.extract import extract_adapter
@@ -96,5 +97,6 @@ def run(args: argparse.Namespace) -> int:
     overall = kept / total if total > 0 else 1.0
     print(f"{len(report)} layers, rank {args.rank}: {overall:.4f} of the weight change's energy kept -> {args.out}")
     if args.report:
-        Path(args.report).write_text(json.dumps([r.as_dict() for r in report], indent=2) + "\n")
+        text = json.dumps([r.as_dict() for r in report], indent=2) + "\n"
+        replace_file(Path(args.report), lambda tmp: tmp.write_text(text))
     return 0

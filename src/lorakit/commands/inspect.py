@@ -85,7 +85,7 @@ def describe(adapter: str | Path) -> dict[str, Any]:
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "targets": targets,
-        "saved_modules": {name: n for name, n in sorted(saved.items())},
+        "saved_modules": dict(sorted(saved.items())),
         "params": {"lora": lora_params, "saved_modules": saved_params, "total": lora_params + saved_params},
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "files": files,
