@@ -85,36 +85,10 @@ def delta_weight(layer, name: str) -> torch.Tensor:
     return delta.t() if layer.fan_in_fan_out else delta
 
 
-def forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """The layer's output with the unmerged adapters `names`, at least one of them DoRA."""
-    weight = layer.base_layer.weight
-    dropout_on = layer.training and any(layer.dropout_p[n] for n in names)
-    if not dropout_on and layer._fly_merge_pays(x):
-        if not torch.is_grad_enabled():  # inference: one matmul with the (cached) merged weight
-            return layer._base_forward(x, layer._cached_merged_weight(names))
-        A = layer.lora_A[names[0]]
-        if (
-            len(names) == 1
-            and not weight.requires_grad
-            and A.dtype == weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        ):
-            name = names[0]
-            w0 = weight.t() if layer.fan_in_fan_out else weight
-            return DoraLinearFunction.apply(
-                x,
-                w0,
-                layer.base_layer.bias,
-                A,
-                layer.full_B(name),
-                layer.lora_magnitude_vector[name],
-                layer.scaling[name],
-            )
-    return _reference_forward(layer, x, names)
-
-
-def _reference_forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """PEFT's maths with autograd: dropout, several adapters, mixed dtypes, autocast."""
+def reference_forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The layer's output with the unmerged adapters `names`, at least one of them DoRA: PEFT's
+    maths with autograd (dropout, several adapters, mixed dtypes, autocast). LoraLinear runs
+    merged inference and DoraLinearFunction itself where they apply."""
     result = layer.base_layer(x)
     w0 = _w0(layer)
     for name in names:

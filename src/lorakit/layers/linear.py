@@ -73,16 +73,18 @@ class LoraLinear(LoraLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        if self._dora_names and not self._dora_names.isdisjoint(names):
-            return dora.forward(self, x, names)  # its own fused training path and merged inference
+        use_dora = bool(self._dora_names) and not self._dora_names.isdisjoint(names)
         dropout_on = self.training and any(self.dropout_p[n] for n in names)
         # A quantized base has no dense weight to add dW to: the factored path only.
         if not dropout_on and self._fly_merge_pays(x) and not self.quantized:
-            weight = self.base_layer.weight
             if not torch.is_grad_enabled():  # inference: one matmul with W + dW
                 return self._base_forward(x, self._cached_merged_weight(names))
-            if len(names) == 1 and not weight.requires_grad and self.enable_lora is None:
-                return self._merged_train_forward(x, names[0])
+            if len(names) == 1 and not self.base_layer.weight.requires_grad:
+                fused = self._fused_train_forward(x, names[0], use_dora)
+                if fused is not None:
+                    return fused
+        if use_dora:
+            return dora.reference_forward(self, x, names)  # PEFT's maths with autograd
         result = self.base_layer(x)
         for name in names:
             p = self.dropout_p[name]
@@ -90,15 +92,22 @@ class LoraLinear(LoraLayer):
             result = LF.add_lora_linear(result, x_in, self.lora_A[name], self.full_B(name), self.scaling[name])
         return result
 
-    def _merged_train_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Training without LoRA dropout: the fused merged-weight autograd function."""
-        A, B, weight = self.lora_A[name], self.lora_B[name], self.base_layer.weight
-        # An fp32 adapter over a half base, or autocast (whose dtype choices the function's
-        # hand-written backward would not repeat): keep the textbook path.
+    def _fused_train_forward(self, x: torch.Tensor, name: str, use_dora: bool) -> torch.Tensor | None:
+        """Training without LoRA dropout over a frozen base: the fused merged-weight autograd
+        function (DoRA's or plain LoRA's), or None where it does not apply."""
+        A, weight = self.lora_A[name], self.base_layer.weight
+        # An fp32 adapter over a half base, or autocast (whose dtype choices the functions'
+        # hand-written backwards would not repeat): keep the textbook path.
         if A.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return LF.add_lora_linear(self.base_layer(x), x, A, B, self.scaling[name])
+            return None
         weight = weight.t() if self.fan_in_fan_out else weight
-        return LF.MergedLoraLinear.apply(x, weight, self.base_layer.bias, A, B, self.scaling[name])
+        bias, scale = self.base_layer.bias, self.scaling[name]
+        if use_dora:
+            magnitude = self.lora_magnitude_vector[name]
+            return dora.DoraLinearFunction.apply(x, weight, bias, A, self.full_B(name), magnitude, scale)
+        if self.enable_lora is not None:
+            return None
+        return LF.MergedLoraLinear.apply(x, weight, bias, A, self.lora_B[name], scale)
 
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """The base weight plus the adapters `names`, in the base layout (one addmm each)."""
