@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,10 +52,6 @@ def sample_train(data: Path, limit: int, folder: Path) -> Path:
     path = folder / f"train-{limit}.tsv"
     path.write_text("\n".join([header, *chosen]) + "\n", encoding="utf-8")
     return path
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # --- children: one config each ----------------------------------------------------------------
@@ -103,6 +98,7 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Na
 
     from lorakit.defaults import default_model_path, offline
     from lorakit.train import read_table
+    from lorakit.train.report import folder_bytes
 
     offline()
     path = opts.model or default_model_path()
@@ -169,6 +165,8 @@ def run_hf(name: str, train_file: Path, dev: Path, work: Path, opts: argparse.Na
 def child(name: str, opts: argparse.Namespace) -> None:
     import torch
 
+    from lorakit.train.report import peak_memory
+
     torch.set_num_threads(opts.threads)
     work, data = Path(opts.work), Path(opts.data)
     train_file = sample_train(data, opts.limit, work)
@@ -176,9 +174,7 @@ def child(name: str, opts: argparse.Namespace) -> None:
     runner = run_hf if name in ("peft-trainer", "hf-full") else run_lorakit
     result = runner(name, train_file, data / "dev.tsv", work, opts)
     result["wall_time_s"] = time.perf_counter() - started
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available():
-        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result.update(peak_memory())  # peak RSS, and peak CUDA memory on a GPU
     print("RESULT " + json.dumps(result), flush=True)
 
 
