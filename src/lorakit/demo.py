@@ -43,7 +43,7 @@ def run_demo(
     out_dir/train (adapter/, metrics.jsonl, loss.png, summary.json), out_dir/merged (a plain
     Hugging Face folder) and out_dir/demo_report.json."""
     from lorakit.adapters import merge, merge_and_unload
-    from lorakit.atomic import replace_folder
+    from lorakit.atomic import replace_file, replace_folder
     from lorakit.commands._common import load_adapted
     from lorakit.defaults import offline
     from lorakit.train import TrainConfig, Trainer, evaluate
@@ -121,7 +121,8 @@ def run_demo(
         "train_time_s": summary["train_time_s"],
         "wall_time_s": time.perf_counter() - started,
     }
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    replace_file(out / "demo_report.json", lambda tmp: tmp.write_text(text))
     examples = [(test.texts[i], test.labels[after["predictions"][i]]) for i in range(3)]
     ok = labels_ok and all(diff <= CHECK_TOLERANCE for diff in checks.values())
     _print_report(report, examples)
