@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import peft  # noqa: E402  (imported in every child alike, so memory numbers compare)
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from overhead import sync, train_step_fn  # noqa: E402  (the same step and timer sync as overhead.py)
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
@@ -51,11 +52,6 @@ DORA_VARIANTS = ["lorakit-dora", "peft-dora", "lorakit-lora", "peft-lora"]
 
 
 # --- shared helpers -------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_round_robin(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict:
     """Per-variant millisecond samples; every round runs each variant once, order rotating."""
     for fn in fns.values():
@@ -131,18 +127,6 @@ def make_batch(device: torch.device) -> dict[str, torch.Tensor]:
     ids = torch.randint(1000, 30000, (BATCH, SEQ_LEN), generator=gen)
     labels = torch.randint(0, 2, (BATCH,), generator=gen)
     return {k: v.to(device) for k, v in {"input_ids": ids, "labels": labels}.items()}
-
-
-def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def run() -> None:
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return run
 
 
 def _check_same_outputs(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
