@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -65,7 +66,7 @@ def describe(adapter: str | Path) -> dict[str, Any]:
     for name in sorted(modules):
         shapes = modules[name]
         rank = shapes["A"][0] if "A" in shapes else None  # A is (r, in ...) for every layer kind, as in PEFT
-        params = sum(_numel(s) for s in shapes.values())
+        params = sum(math.prod(s) for s in shapes.values())
         targets.append({"module": name, "rank": rank, "A": shapes.get("A"), "B": shapes.get("B"), "params": params})
     lora_params = sum(t["params"] for t in targets)
     saved_params = sum(saved.values())
@@ -93,13 +94,6 @@ def describe(adapter: str | Path) -> dict[str, Any]:
         "base_fingerprint": metadata.get(FINGERPRINT_KEY),
         "peft": peft_check(folder, raw, tensors),
     }
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def peft_check(folder: Path, raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
