@@ -33,7 +33,7 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
 
     if text is None or str(text).strip() == "":
         return None
-    items = text if isinstance(text, list) else str(text).split(",")
+    items = str(text).split(",")  # cli.py turns a --config value into the flag's text, never a list
     try:
         weights = [float(w) for w in items]
     except ValueError:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import UsageError
 
     require(args, "adapters", "out")
-    adapters = [args.adapters] if isinstance(args.adapters, str) else list(args.adapters)
+    adapters = list(args.adapters)  # nargs="*": a list from the command line and from --config alike
     if len(adapters) < 2:
         raise UsageError(f"combine needs two or more adapter folders, got {len(adapters)}")
     weights = parse_weights(args.weights, len(adapters))
