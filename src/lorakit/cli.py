@@ -62,7 +62,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             data = tomllib.loads(text)
     except UnicodeDecodeError as err:
         raise UsageError(f"config file {path!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
-    except (tomllib.TOMLDecodeError, ImportError, Exception) as err:  # yaml.YAMLError and friends
+    except Exception as err:  # TOMLDecodeError, yaml.YAMLError and friends, a missing yaml
         kind = "YAML" if file.suffix.lower() in (".yaml", ".yml") else "TOML"
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"config file {path!r} is not valid {kind}: {detail}") from None
@@ -110,9 +110,7 @@ def _convert_one(action: argparse.Action, key: str, value: Any, want: str) -> tu
 def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     """Set the parser's defaults from a config file; all unknown or mistyped keys in one error."""
     data = read_config_file(path)
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config") and a.option_strings}
-    positional = {a.dest: a for a in parser._actions if not a.option_strings}
-    actions.update(positional)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}  # flags and positionals
     defaults, problems = {}, []
     for key, value in data.items():
         dest = str(key).replace("-", "_")
