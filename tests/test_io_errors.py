@@ -164,6 +164,82 @@ def test_unexpected_key(adapter):
     assert_refused(adapter, "unexpected key bert.encoder.layer.0.attention.self.query.lora_C.weight")
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "bert.encoder.layer.0.attention.output.LayerNorm.bias",  # a base bias in a bias="none" adapter
+        "bert.encoder.layer.0.attention.self.query.base_layer.weight",  # an adapted layer's base weight
+        "bert.encoder.layer.0.attention.self.key.weight",  # a weight no config entry covers
+    ],
+)
+def test_keys_addressing_base_weights_are_refused(adapter, key):
+    model = bert()
+    shape = model.state_dict()[key.replace(".base_layer.", ".")].shape
+
+    def add(tensors):
+        tensors[f"base_model.model.{key}"] = torch.full(shape, 7.0)
+
+    rewrite_tensors(adapter, add)
+    message = assert_refused(adapter, f"unexpected key {key}", model=model)
+    assert "base" in message
+
+
+def test_gpt2_base_layer_weight_key_is_refused(tmp_path):
+    folder = lorakit.save_adapter(with_adapter(gpt2(), target_modules=["c_attn"]), tmp_path / "gpt2")
+    shapes = gpt2().state_dict()
+    for key in ("transformer.h.0.attn.c_attn.base_layer.weight", "transformer.h.0.ln_1.bias"):
+        shape = shapes[key.replace(".base_layer.", ".")].shape
+        rewrite_tensors(folder, lambda t, k=key, s=shape: t.__setitem__(f"base_model.model.{k}", torch.ones(s)))
+        assert_refused(folder, f"unexpected key {key}", model=gpt2())
+        rewrite_tensors(folder, lambda t, k=key: t.pop(f"base_model.model.{k}"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan: must be a positive number, finite and at most 1e+06"),
+        ({"lora_alpha": float("inf")}, "lora_alpha=inf: must be a positive number, finite"),
+        ({"lora_alpha": 1e308}, "lora_alpha=1e+308: must be a positive number, finite and at most 1e+06"),
+        ({"alpha_pattern": {"query": float("nan")}}, "alpha_pattern['query']=nan: must be a positive number"),
+        ({"r": "null"}, "r=null: give a value (a positive integer, e.g. 8)"),
+        ({"lora_alpha": "null"}, "lora_alpha=null: give a value"),
+    ],
+    ids=["nan", "inf", "1e308", "pattern-nan", "r-null", "alpha-null"],
+)
+def test_hostile_config_numbers_are_refused(adapter, changes, expected):
+    data = json.loads((adapter / CONFIG).read_text())
+    data.update({k: (None if v == "null" else v) for k, v in changes.items()})
+    (adapter / CONFIG).write_text(json.dumps(data))  # NaN / Infinity as Python's json writes them
+    message = assert_refused(adapter, expected)
+    assert message.count("adapter_config.json") == 1
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), 1e308, 0, True])
+def test_lora_config_refuses_non_finite_or_absurd_alpha(alpha):
+    with pytest.raises(lorakit.ConfigError, match="alpha="):
+        lorakit.LoraConfig(alpha=alpha)
+    with pytest.raises(lorakit.ConfigError, match="alpha_pattern"):
+        lorakit.LoraConfig(alpha_pattern={"query": alpha})
+
+
+def test_load_adapter_into_an_eval_model_has_no_dropout(tmp_path):
+    folder = lorakit.save_adapter(with_adapter(bert(), dropout=0.5), tmp_path / "a")
+    model = lorakit.load_adapter(bert(), folder)  # bert() is in eval mode, as from_pretrained gives
+    assert not any(m.training for m in model.modules())
+    ids = torch.randint(0, 100, (2, 3), generator=torch.Generator().manual_seed(0))  # 6 tokens: factored path
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_inject_follows_the_replaced_modules_mode():
+    model = lorakit.inject(bert(), lorakit.LoraConfig(r=4, dropout=0.5, target_modules=["query"]))
+    assert not any(layer.training for _, layer in lorakit.lora_layers(model))
+    model.train()
+    assert all(layer.training for _, layer in lorakit.lora_layers(model))
+    trained = lorakit.inject(tiny.bert(0).train(), lorakit.LoraConfig(r=4, target_modules=["query"]))
+    assert all(layer.training for _, layer in lorakit.lora_layers(trained))
+
+
 def test_wrong_shape(adapter):
     def reshape(tensors):
         tensors[QUERY_A] = torch.zeros(5, 32)

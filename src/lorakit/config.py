@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -105,8 +106,8 @@ class LoraConfig:
 
         if not is_int(self.r) or self.r <= 0:
             problems.append(f"r={self.r!r}: must be a positive integer (e.g. 8)")
-        if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            problems.append(f"alpha={self.alpha!r}: must be a positive number (e.g. 16)")
+        if not is_alpha(self.alpha):
+            problems.append(f"alpha={self.alpha!r}: {ALPHA_RULE} (e.g. 16)")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout!r}: must be in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
@@ -137,8 +138,8 @@ class LoraConfig:
                 problems.append(f"rank_pattern[{key!r}]={rank!r}: must be a positive integer")
         for key, alpha in _dict_items(self.alpha_pattern, "alpha_pattern", problems):
             problems += _regex_problem(f"alpha_pattern key {key!r}", key)
-            if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-                problems.append(f"alpha_pattern[{key!r}]={alpha!r}: must be a positive number")
+            if not is_alpha(alpha):
+                problems.append(f"alpha_pattern[{key!r}]={alpha!r}: {ALPHA_RULE}")
         for key, mask in _dict_items(self.enable_lora, "enable_lora", problems):
             if not isinstance(mask, list) or not mask or not all(isinstance(b, bool) for b in mask):
                 problems.append(f"enable_lora[{key!r}]={mask!r}: must be a non-empty list of booleans")
@@ -213,6 +214,9 @@ class LoraConfig:
             problems.append(f"init_lora_weights={init!r}: only plain LoRA initialisations are supported")
         if "r" not in data:
             problems.append("'r' is missing: the adapter's rank is required")
+        for key in _NULL_HINT:
+            if key in data and data[key] is None:
+                problems.append(f"{key}=null: give a value ({_NULL_HINT[key]})")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         kwargs = {ours: data[theirs] for theirs, ours in _PEFT_TO_LORAKIT.items() if data.get(theirs) is not None}
@@ -226,7 +230,29 @@ class LoraConfig:
         try:
             return cls(**kwargs)
         except (ConfigError, TypeError) as err:
-            raise ConfigError(f"{source}: {err}") from None
+            raise ConfigError(f"{source}: {_peft_names(str(err))}") from None
+
+
+MAX_ALPHA = 1e6
+ALPHA_RULE = f"must be a positive number, finite and at most {MAX_ALPHA:g}"
+_NULL_HINT = {
+    "r": "a positive integer, e.g. 8",
+    "lora_alpha": "a positive number, e.g. 16",
+    "lora_dropout": "a number in [0, 1)",
+    "bias": "'none', 'all' or 'lora_only'",
+}
+
+
+def is_alpha(value: Any) -> bool:
+    """True for a finite number in (0, MAX_ALPHA] (not a bool): alpha and alpha_pattern values."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    return 0 < value <= MAX_ALPHA and math.isfinite(value)  # NaN fails the comparison
+
+
+def _peft_names(message: str) -> str:
+    """A LoraConfig message in adapter_config.json's key names (lora_alpha, lora_dropout)."""
+    return re.sub(r"(?<![\w\[])(alpha|dropout)=", r"lora_\1=", message)
 
 
 def is_init_mode(init: Any) -> bool:

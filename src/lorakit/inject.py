@@ -135,6 +135,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init, config.use_dora
         )
         if layer is not module:
+            layer.train(module.training)  # follow the replaced module: no dropout in an eval model
             model.set_submodule(name, layer)
     adapter_configs(model)[adapter_name] = config
     for _, layer in lora_layers(model):  # the new adapter becomes the only active one

@@ -325,6 +325,22 @@ def _embedding_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def _base_key_problem(key: str, exists: bool, config: LoraConfig, targets: set[str], tables: set[str]) -> str:
+    """Why a key that is no LoRA tensor and no saved module may not load ("" when it may):
+    only the biases the config trains and PEFT's full embedding tables may address base weights."""
+    if not exists:
+        return "no such parameter in this model"
+    plain = key.replace(".base_layer.", ".")
+    if plain in tables:
+        return ""
+    module, _, leaf = plain.rpartition(".")
+    if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in targets)):
+        return ""
+    if leaf == "bias":
+        return f"a base bias, but the adapter's bias={config.bias!r} trains none there"
+    return "it addresses a base weight: lorakit never overwrites the base model"
+
+
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path):
     """Match every tensor to its place and check shapes and values; raise once, listing all."""
     try:
@@ -352,18 +368,17 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         for pname, param in module.named_parameters():
             expected[f"{name}.{pname}"] = (("", f"{name}.{pname}"), tuple(param.shape))
     problems, assignments = [], []
+    target_names = {n for n, _ in targets}
     for key, tensor in tensors.items():
         if key in expected:
             (module_name, part), shape = expected.pop(key)
-        elif key.endswith("bias") or key.endswith("base_layer.weight") or key in tables:
+        else:
             internal = _internal_name(params, key)  # trained biases, or PEFT's saved embeddings
-            if internal not in params:
-                problems.append(f"unexpected key {key}")
+            why = _base_key_problem(key, internal in params, config, target_names, tables)
+            if why:
+                problems.append(f"unexpected key {key} ({why})")
                 continue
             module_name, part, shape = "", key, tuple(params[internal].shape)
-        else:
-            problems.append(f"unexpected key {key}")
-            continue
         if tuple(tensor.shape) != tuple(shape):
             problems.append(f"{key} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}")
         elif not tensor.is_floating_point():
