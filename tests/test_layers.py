@@ -684,7 +684,9 @@ def test_bert_modules_to_save_makes_classifier_trainable():
     model = tiny_bert()
     lorakit.inject(model, lorakit.LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
     targets = encoder_names("attention.self.query", "attention.self.value")
-    assert trainable(model) == lora_param_names(model, targets) | {"classifier.weight", "classifier.bias"}
+    # A trainable copy per adapter, as PEFT's ModulesToSaveWrapper; the original stays frozen.
+    copies = {"classifier.modules_to_save.default.weight", "classifier.modules_to_save.default.bias"}
+    assert trainable(model) == lora_param_names(model, targets) | copies
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
@@ -712,7 +714,7 @@ def test_bert_parameter_report_equals_hand_count():
     lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=["query", "value"], modules_to_save=["classifier"]))
     lora_count = 4 * r * (32 + 32)  # 2 layers x (query, value), A (r, 32) + B (32, r)
     classifier = 32 * 3 + 3
-    expected = {"trainable": lora_count + classifier, "total": base_total + lora_count}
+    expected = {"trainable": lora_count + classifier, "total": base_total + lora_count + classifier}  # + the copy
     report = lorakit.parameter_report(model)
     assert report["trainable"] == expected["trainable"]
     assert report["total"] == expected["total"]

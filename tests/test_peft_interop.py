@@ -578,3 +578,79 @@ def test_merge_and_unload_tied_gpt2_embedding_keeps_adapter_outputs(tmp_path):
     merged = lorakit.merge_and_unload(ours)
 
     assert max_diff(logits(merged), unmerged) <= TOL
+
+
+# --- modules_to_save: a copy per adapter, as PEFT's ModulesToSaveWrapper ---------------------------
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bit_identical(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert sorted(now) == sorted(state)
+    assert all(torch.equal(now[k], state[k]) for k in state)
+
+
+def _gpt2_with_saved_head(seed: int) -> torch.nn.Module:
+    config = lorakit.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    model = lorakit.inject(base("gpt2"), config)
+    randomise(model, "lora_", seed=seed)
+    head = model.lm_head.weight  # the head in use: the adapter's copy (a plain lm_head would be the tied wte)
+    with torch.no_grad():
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_gpt2_saved_lm_head_leaves_the_tied_wte_alone_and_disable_unload_give_the_base(tmp_path):
+    reference = _state(base("gpt2"))
+    model = _gpt2_with_saved_head(seed=3)
+    assert model.transformer.wte.weight is model.lm_head.original_module.weight  # the tie is kept, untouched
+    assert torch.equal(model.transformer.wte.weight, reference["transformer.wte.weight"])
+    assert_adapted("gpt2", logits(model))
+    with lorakit.disable_adapters(model):
+        assert torch.equal(logits(model), _base_logits("gpt2"))
+    folder = lorakit.save_adapter(model, tmp_path / "a")
+    keys = set(file_tensors(folder))
+    assert "base_model.model.lm_head.weight" in keys and not any("modules_to_save" in k for k in keys)
+    lorakit.unload(model)
+    _assert_bit_identical(model, reference)
+
+    loaded = lorakit.load_adapter(base("gpt2"), folder)
+    assert torch.equal(loaded.transformer.wte.weight, reference["transformer.wte.weight"])
+    assert max_diff(logits(loaded), logits(peft_load("gpt2", folder))) <= TOL
+    with lorakit.disable_adapters(loaded):
+        assert torch.equal(logits(loaded), _base_logits("gpt2"))
+    _assert_bit_identical(lorakit.unload(loaded), reference)
+
+
+def test_two_adapters_keep_their_own_saved_heads(tmp_path):
+    folders, expected = [], []
+    for seed in (1, 2):
+        model = _gpt2_with_saved_head(seed)
+        expected.append(logits(model))
+        folders.append(lorakit.save_adapter(model, tmp_path / f"a{seed}"))
+    assert max_diff(*expected) > 1e-3
+    model = lorakit.load_adapter(base("gpt2"), folders[0], "one")
+    lorakit.load_adapter(model, folders[1], "two")
+    assert max_diff(logits(model), expected[1]) <= 1e-6
+    lorakit.set_adapter(model, "one")
+    assert max_diff(logits(model), expected[0]) <= 1e-6
+    lorakit.delete_adapter(model, "one")
+    lorakit.set_adapter(model, "two")
+    assert max_diff(logits(model), expected[1]) <= 1e-6
+    merged = lorakit.merge_and_unload(model)
+    assert max_diff(logits(merged), expected[1]) <= 1e-5
+    assert not any("modules_to_save" in k or "original_module" in k for k in merged.state_dict())
+
+
+def test_peft_saved_classifier_loads_as_a_copy(tmp_path):
+    reference = _state(base("bert"))
+    kwargs = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+    make_peft_adapter("bert", kwargs, ("lora_", "modules_to_save"), tmp_path / "peft")
+    expected = logits(peft_load("bert", tmp_path / "peft"))
+    ours = lorakit.load_adapter(base("bert"), tmp_path / "peft")
+    assert max_diff(logits(ours), expected) <= TOL
+    with lorakit.disable_adapters(ours):
+        assert torch.equal(logits(ours), _base_logits("bert"))
+    _assert_bit_identical(lorakit.unload(ours), reference)

@@ -7,12 +7,12 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from lorakit.inject import CONFIGS_ATTR, adapter_configs, lora_layers
+from lorakit.inject import CONFIGS_ATTR, adapter_configs, lora_layers, saved_modules
 
 
 def _layers_or_fail(model: nn.Module):
     layers = lora_layers(model)
-    if not layers:
+    if not layers and not saved_modules(model):
         raise ValueError(f"{type(model).__name__} has no LoRA layers: call lorakit.inject or load_adapter first")
     return layers
 
@@ -26,6 +26,8 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
         raise KeyError(f"adapter(s) {unknown} not loaded; loaded: {sorted(known)}")
     for _, layer in _layers_or_fail(model):
         layer.set_adapter([n for n in names if n in layer.lora_A])
+    for _, saved in saved_modules(model):
+        saved.set_adapter(names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -39,6 +41,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not layer.lora_A:
             layer.unmerge()
             model.set_submodule(layer_name, layer.base_layer)
+    for saved_name, saved in saved_modules(model):
+        if name in saved.modules_to_save:
+            saved.delete_adapter(name)
+        if not saved.modules_to_save:
+            model.set_submodule(saved_name, saved.original_module)
     del configs[name]
 
 
@@ -62,11 +69,16 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Within the block the model gives exactly the base model's output."""
     layers = _layers_or_fail(model)
     previous = [(layer, layer.disabled, list(layer.merged_adapters)) for _, layer in layers]
+    saved = [(module, module.disabled) for _, module in saved_modules(model)]
     for _, layer in layers:
         layer.set_disabled(True)
+    for module, _ in saved:
+        module.disabled = True
     try:
         yield
     finally:
+        for module, was_disabled in saved:
+            module.disabled = was_disabled
         for layer, was_disabled, merged in previous:
             layer.set_disabled(was_disabled)
             if merged:
@@ -85,6 +97,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             layer.merge()
         layer._original_weight = None  # drop the unmerged copy: nothing can unmerge now
         model.set_submodule(name, layer.base_layer)
+    for name, saved in saved_modules(model):  # the active adapter's copy takes the original's place
+        model.set_submodule(name, saved.current())
     model.__dict__.pop(CONFIGS_ATTR, None)
     return model
 
@@ -94,5 +108,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in _layers_or_fail(model):
         layer.unmerge()
         model.set_submodule(name, layer.base_layer)
+    for name, saved in saved_modules(model):
+        model.set_submodule(name, saved.original_module)
     model.__dict__.pop(CONFIGS_ATTR, None)
     return model

@@ -114,8 +114,9 @@ class LoraConfig:
             problems.append(f"bias={self.bias!r}: must be one of 'none', 'all', 'lora_only'")
         if not is_init_mode(self.init):
             problems.append(f"init={self.init!r}: must be 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_<N>' (N >= 1)")
-        if not isinstance(self.use_dora, bool):
-            problems.append(f"use_dora={self.use_dora!r}: must be true or false")
+        for name in ("use_dora", "use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:

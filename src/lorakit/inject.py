@@ -9,7 +9,16 @@ import torch.nn as nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.layers import SUPPORTED, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, is_linear, layer_class_for
+from lorakit.layers import (
+    SUPPORTED,
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    SavedModule,
+    is_linear,
+    layer_class_for,
+)
 
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
@@ -21,12 +30,13 @@ class TargetError(LorakitError):
 
 
 def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules(), but LoRA layers count as one module (their insides are skipped)."""
+    """named_modules(), but LoRA layers and saved modules count as one module (their insides
+    are skipped)."""
     lora_prefixes: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in lora_prefixes):
             continue
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer | SavedModule):
             lora_prefixes.append(name)
         yield name, module
 
@@ -34,6 +44,11 @@ def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """Every LoRA layer of the model with its name."""
     return [(n, m) for n, m in walk(model) if isinstance(m, LoraLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
+    """Every module saved in full (modules_to_save) with its name."""
+    return [(n, m) for n, m in walk(model) if isinstance(m, SavedModule)]
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
@@ -137,10 +152,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         if layer is not module:
             layer.train(module.training)  # follow the replaced module: no dropout in an eval model
             model.set_submodule(name, layer)
+    copies = []
+    for name, module in keep:  # a trainable copy per adapter; the original stays as it is
+        wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
+        copies.append(wrapper.add_adapter(adapter_name))
+        if wrapper is not module:
+            model.set_submodule(name, wrapper)
     adapter_configs(model)[adapter_name] = config
     for _, layer in lora_layers(model):  # the new adapter becomes the only active one
         layer.set_adapter([adapter_name] if adapter_name in layer.lora_A else [])
-    mark_trainable(model, adapter_name, config.bias, [m for _, m in keep])
+    for _, wrapper in saved_modules(model):
+        wrapper.set_adapter([adapter_name])
+    mark_trainable(model, adapter_name, config.bias, copies)
     return model
 
 
@@ -159,8 +182,9 @@ def mark_trainable(
             if bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if bias == "all":
+        inside = tuple(f"{n}." for n, _ in saved_modules(model))  # saved originals never train
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") and not name.startswith(inside):
                 param.requires_grad_(True)
     for module in full_modules or []:
         module.requires_grad_(True)

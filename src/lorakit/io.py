@@ -31,7 +31,7 @@ from lorakit.inject import (
     lora_layers,
     walk,
 )
-from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, layer_class_for
+from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_copy, layer_class_for, plain_module
 from lorakit.layers.linear import linear_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -120,10 +120,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     saved = find_modules_to_save(model, config)
     heads = _task_heads(model, task_type, [n for n, _ in targets + saved])
     for name, module in saved + heads:
-        for pname, param in module.named_parameters():
+        for pname, param in adapter_copy(module, adapter_name).named_parameters():  # under PEFT's file names
             tensors[f"{PREFIX}{name}.{pname}"] = param
     if config.bias != "none":
+        inside = tuple(f"{n}." for n, _ in saved)  # saved in full above
         for pname, param in model.named_parameters():
+            if pname.startswith(inside):
+                continue
             is_lora_bias = any(pname == f"{n}.base_layer.bias" for n, _ in targets)
             if pname.endswith("bias") and (config.bias == "all" or is_lora_bias):
                 tensors.setdefault(f"{PREFIX}{pname}", param)
@@ -240,8 +243,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         raise AdapterError(f"{folder}: {WEIGHTS_NAME} is missing{hint}")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{config_file}: not valid JSON ({err}); fix the file or re-save the adapter") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON, UTF-8 or a 5000-digit number
+        reason = f"{type(err).__name__}: {err}" if isinstance(err, OSError | RecursionError) else str(err)
+        raise AdapterError(
+            f"{config_file}: not valid JSON ({reason[:200]}); fix the file or re-save the adapter"
+        ) from None
     try:
         config = LoraConfig.from_peft_dict(data, source=str(config_file))
     except ConfigError as err:
@@ -285,16 +291,25 @@ def load_adapter(
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for module_name, part, tensor in assignments:
-            if part in ("A", "B"):
-                target = (layers[module_name].lora_A if part == "A" else layers[module_name].lora_B)[adapter_name]
-            elif part == "M":  # DoRA magnitude
-                target = layers[module_name].lora_magnitude_vector[adapter_name]
-            else:
-                target = params[_internal_name(params, part)]
+            target = _destination(model, params, layers, adapter_name, module_name, part)
             target.copy_(tensor.to(target.dtype))
     if not trainable:  # inference use, as PEFT's from_pretrained: nothing trains
         model.requires_grad_(False)
     return model
+
+
+def _destination(model, params, layers, adapter_name: str, module_name: str, part: str) -> torch.Tensor:
+    """The tensor an adapter file's tensor is copied into (planned by _plan_load)."""
+    if part in ("A", "B"):
+        return (layers[module_name].lora_A if part == "A" else layers[module_name].lora_B)[adapter_name]
+    if part == "M":  # DoRA magnitude
+        return layers[module_name].lora_magnitude_vector[adapter_name]
+    if part.startswith(_SAVED):  # the adapter's own copy of a saved module
+        return model.get_submodule(module_name).modules_to_save[adapter_name].get_parameter(part.removeprefix(_SAVED))
+    return params[_internal_name(params, part)]
+
+
+_SAVED = "saved:"
 
 
 def _internal_name(params: dict[str, nn.Parameter], name: str) -> str:
@@ -365,8 +380,8 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
     tables = _embedding_keys(model)
     for name, module in keep:
-        for pname, param in module.named_parameters():
-            expected[f"{name}.{pname}"] = (("", f"{name}.{pname}"), tuple(param.shape))
+        for pname, param in plain_module(module).named_parameters():
+            expected[f"{name}.{pname}"] = ((name, _SAVED + pname), tuple(param.shape))
     problems, assignments = [], []
     target_names = {n for n, _ in targets}
     for key, tensor in tensors.items():

@@ -9,6 +9,7 @@ from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear
+from lorakit.layers.saved import SavedModule, adapter_copy, plain_module
 
 # Module type -> LoRA layer family; the first match wins.
 DISPATCH: list[tuple[tuple[type, ...], type[LoraLayer]]] = [
@@ -34,4 +35,15 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(base, nn.Linear | Conv1D)
 
 
-__all__ = ["LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "layer_class_for", "is_linear", "SUPPORTED"]
+__all__ = [
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "SavedModule",
+    "plain_module",
+    "adapter_copy",
+    "layer_class_for",
+    "is_linear",
+    "SUPPORTED",
+]
