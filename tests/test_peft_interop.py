@@ -654,3 +654,42 @@ def test_peft_saved_classifier_loads_as_a_copy(tmp_path):
     with lorakit.disable_adapters(ours):
         assert torch.equal(logits(ours), _base_logits("bert"))
     _assert_bit_identical(lorakit.unload(ours), reference)
+
+
+# --- the README's promise: disable_adapters and unload give back the exact base --------------------
+def test_trained_biases_are_put_back_by_disable_and_unload(tmp_path):
+    reference = _state(base("bert"))
+    config = lorakit.LoraConfig(r=4, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"])
+    model = lorakit.inject(base("bert"), config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # as training would: LoRA, the classifier's copy and every bias (in place, as PEFT)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    expected = logits(model)
+    folder = lorakit.save_adapter(model, tmp_path / "a")
+    with lorakit.disable_adapters(model):
+        assert torch.equal(logits(model), _base_logits("bert"))
+    assert torch.equal(logits(model), expected)  # and back after the block
+    _assert_bit_identical(lorakit.unload(model), reference)
+
+    loaded = lorakit.load_adapter(base("bert"), folder)
+    assert max_diff(logits(loaded), expected) <= 1e-6
+    with lorakit.disable_adapters(loaded):
+        assert torch.equal(logits(loaded), _base_logits("bert"))
+    _assert_bit_identical(lorakit.unload(loaded), reference)
+
+
+def test_peft_embedding_tables_are_put_back_by_unload_and_delete(tmp_path):
+    reference = _state(base("gpt2"))
+    model = peft.get_peft_model(base("gpt2"), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    randomise(model, "lora_", "transformer.wte.weight")  # a trained (tied) table, saved in full
+    model.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=True)
+    ours = lorakit.load_adapter(base("gpt2"), tmp_path / "peft")
+    assert max_diff(logits(ours), logits(peft_load("gpt2", tmp_path / "peft"))) <= TOL
+    with lorakit.disable_adapters(ours):
+        assert torch.equal(logits(ours), _base_logits("gpt2"))
+    _assert_bit_identical(lorakit.unload(ours), reference)
+    again = lorakit.load_adapter(base("gpt2"), tmp_path / "peft")
+    lorakit.delete_adapter(again, "default")
+    _assert_bit_identical(again, reference)

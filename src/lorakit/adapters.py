@@ -7,7 +7,15 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from lorakit.inject import CONFIGS_ATTR, adapter_configs, lora_layers, saved_modules
+from lorakit.inject import (
+    BASE_VALUES_ATTR,
+    CONFIGS_ATTR,
+    adapter_configs,
+    lora_layers,
+    reapply_values,
+    saved_modules,
+    swap_base_values,
+)
 
 
 def _layers_or_fail(model: nn.Module):
@@ -47,6 +55,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not saved.modules_to_save:
             model.set_submodule(saved_name, saved.original_module)
     del configs[name]
+    if not configs:  # the last adapter gone: base biases / tables it changed come back
+        swap_base_values(model)
 
 
 def merge(model: nn.Module) -> None:
@@ -74,9 +84,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         layer.set_disabled(True)
     for module, _ in saved:
         module.disabled = True
+    adapted = swap_base_values(model, restore=False)  # base biases / tables, as before any adapter
     try:
         yield
     finally:
+        reapply_values(model, adapted)
         for module, was_disabled in saved:
             module.disabled = was_disabled
         for layer, was_disabled, merged in previous:
@@ -100,12 +112,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, saved in saved_modules(model):  # the active adapter's copy takes the original's place
         model.set_submodule(name, saved.current())
     model.__dict__.pop(CONFIGS_ATTR, None)
+    model.__dict__.pop(BASE_VALUES_ATTR, None)  # the adapter's biases / tables are the new base
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and return the untouched base model."""
-    for name, layer in _layers_or_fail(model):
+    layers = _layers_or_fail(model)
+    swap_base_values(model)
+    for name, layer in layers:
         layer.unmerge()
         model.set_submodule(name, layer.base_layer)
     for name, saved in saved_modules(model):

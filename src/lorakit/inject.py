@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import torch
 import torch.nn as nn
 
 from lorakit.config import LoraConfig
@@ -23,6 +24,7 @@ from lorakit.layers import (
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
 CONFIGS_ATTR = "_lorakit_configs"
+BASE_VALUES_ATTR = "_lorakit_base_values"  # [(base parameter, its value before any adapter)]
 
 
 class TargetError(LorakitError):
@@ -164,6 +166,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     for _, wrapper in saved_modules(model):
         wrapper.set_adapter([adapter_name])
     mark_trainable(model, adapter_name, config.bias, copies)
+    if config.bias != "none":  # biases train in place in the base: keep their base values
+        stash_base_values(model, [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")])
     return model
 
 
@@ -188,6 +192,39 @@ def mark_trainable(
                 param.requires_grad_(True)
     for module in full_modules or []:
         module.requires_grad_(True)
+
+
+def stash_base_values(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """Remember the present values of base parameters an adapter is about to change in place
+    (trained biases, PEFT's full embedding tables), once each, so unload / disable_adapters
+    can put the exact base back."""
+    stash = model.__dict__.setdefault(BASE_VALUES_ATTR, [])
+    known = {id(p) for p, _ in stash}
+    for param in params:
+        if id(param) not in known:
+            known.add(id(param))
+            stash.append((param, param.detach().clone()))
+
+
+@torch.no_grad()
+def swap_base_values(model: nn.Module, restore: bool = True) -> list[torch.Tensor]:
+    """Put the stashed base values back; returns the values they replaced (for a swap back).
+    With restore=True the stash is dropped: the base owns those values again."""
+    stash = model.__dict__.get(BASE_VALUES_ATTR, [])
+    replaced = []
+    for param, original in stash:
+        replaced.append(param.detach().clone())
+        param.copy_(original)
+    if restore:
+        model.__dict__.pop(BASE_VALUES_ATTR, None)
+    return replaced
+
+
+@torch.no_grad()
+def reapply_values(model: nn.Module, values: list[torch.Tensor]) -> None:
+    """Undo swap_base_values(restore=False) with the values it returned."""
+    for (param, _), value in zip(model.__dict__.get(BASE_VALUES_ATTR, []), values, strict=True):
+        param.copy_(value)
 
 
 def parameter_report(model: nn.Module) -> dict[str, float]:

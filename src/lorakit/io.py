@@ -29,6 +29,7 @@ from lorakit.inject import (
     find_targets,
     inject,
     lora_layers,
+    stash_base_values,
     walk,
 )
 from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_copy, layer_class_for, plain_module
@@ -292,6 +293,8 @@ def load_adapter(
     with torch.no_grad():
         for module_name, part, tensor in assignments:
             target = _destination(model, params, layers, adapter_name, module_name, part)
+            if not module_name:  # a base bias or embedding table: unload / disable put it back
+                stash_base_values(model, [target])
             target.copy_(tensor.to(target.dtype))
     if not trainable:  # inference use, as PEFT's from_pretrained: nothing trains
         model.requires_grad_(False)
