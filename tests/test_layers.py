@@ -771,3 +771,22 @@ def test_bert_merge_unmerge_is_bit_exact():
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_saved_module_keeps_the_original_and_follows_the_models_mode():
+    model = tiny_bert().eval()
+    original = model.classifier
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    lorakit.inject(model, lorakit.LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))
+    saved = model.classifier
+    assert saved.original_module is original and not any(p.requires_grad for p in original.parameters())
+    copy_ = saved.modules_to_save["default"]
+    assert all(p.requires_grad for p in copy_.parameters()) and not copy_.training and not saved.training
+    with torch.no_grad():
+        saved.weight.add_(1.0)  # attributes reach the module in use: the copy
+    assert all(torch.equal(original.state_dict()[k], v) for k, v in before.items())
+    x = torch.randn(2, 32)
+    assert torch.equal(saved(x), copy_(x))
+    with lorakit.disable_adapters(model):
+        assert torch.equal(saved(x), original(x))
+    assert lorakit.unload(model).classifier is original

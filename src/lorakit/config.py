@@ -99,12 +99,13 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Raise ConfigError listing every invalid field, or return quietly."""
-        problems: list[str] = []
+        problems = self._scalar_problems() + self._module_problems() + self._pattern_problems()
+        if problems:
+            raise ConfigError("invalid LoraConfig: " + "; ".join(problems))
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.r) or self.r <= 0:
+    def _scalar_problems(self) -> list[str]:
+        problems = []
+        if not _is_int(self.r) or self.r <= 0:
             problems.append(f"r={self.r!r}: must be a positive integer (e.g. 8)")
         if not is_alpha(self.alpha):
             problems.append(f"alpha={self.alpha!r}: {ALPHA_RULE} (e.g. 16)")
@@ -117,6 +118,10 @@ class LoraConfig:
         for name in ("use_dora", "use_rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
+        return problems
+
+    def _module_problems(self) -> list[str]:
+        problems = []
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -133,9 +138,13 @@ class LoraConfig:
             not isinstance(self.modules_to_save, list) or not all(isinstance(v, str) for v in self.modules_to_save)
         ):
             problems.append(f"modules_to_save={self.modules_to_save!r}: must be a list of module names")
+        return problems
+
+    def _pattern_problems(self) -> list[str]:
+        problems: list[str] = []
         for key, rank in _dict_items(self.rank_pattern, "rank_pattern", problems):
             problems += _regex_problem(f"rank_pattern key {key!r}", key)
-            if not is_int(rank) or rank <= 0:
+            if not _is_int(rank) or rank <= 0:
                 problems.append(f"rank_pattern[{key!r}]={rank!r}: must be a positive integer")
         for key, alpha in _dict_items(self.alpha_pattern, "alpha_pattern", problems):
             problems += _regex_problem(f"alpha_pattern key {key!r}", key)
@@ -146,8 +155,7 @@ class LoraConfig:
                 problems.append(f"enable_lora[{key!r}]={mask!r}: must be a non-empty list of booleans")
             elif not any(mask):
                 problems.append(f"enable_lora[{key!r}]={mask!r}: enable at least one slice")
-        if problems:
-            raise ConfigError("invalid LoraConfig: " + "; ".join(problems))
+        return problems
 
     # --- per-module resolution -------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -242,6 +250,10 @@ _NULL_HINT = {
     "lora_dropout": "a number in [0, 1)",
     "bias": "'none', 'all' or 'lora_only'",
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_alpha(value: Any) -> bool:

@@ -54,7 +54,8 @@ class SavedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            # Half-built (copy, unpickling) or a dunder: no fallback, so no recursion.
+            if name.startswith("__") or name in ("original_module", "modules_to_save", "disabled", "active_adapter"):
                 raise
             return getattr(self.current(), name)
 
