@@ -221,12 +221,86 @@ def test_cancelled_request_leaves_the_batch(root):
         assert engine.registry.pinned() == {}
 
 
+def record_forwards(engine: Engine) -> list[list[str | None]]:
+    """The adapters of every forward the engine runs from now on (one entry per row)."""
+    seen, use = [], engine.multi.use
+
+    def recording_use(adapters):
+        seen.append(list(adapters))
+        return use(adapters)
+
+    engine.multi.use = recording_use
+    return seen
+
+
 def test_swap_mode_serves_one_adapter_per_batch(root):
     with start_engine("gpt2", root, mode="swap") as engine:
+        seen = record_forwards(engine)
         jobs = [engine.submit(prompt, adapter, GREEDY) for adapter, prompt in PROMPTS]
         results = [job.result(timeout=60) for job in jobs]
     for (adapter, prompt), result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == reference("gpt2", root, adapter, prompt, GREEDY.max_tokens)
+    # continuous batching would mix adapters in one forward as soon as a request joins a running batch
+    assert [a for a in seen if len(set(a)) > 1] == []
+    assert len(seen) >= GREEDY.max_tokens  # the recording saw the decoding
+
+
+def test_out_of_vocabulary_ids_and_unusable_seeds_are_refused_before_they_run(root):
+    with start_engine("gpt2", root) as engine:
+        for ids in ([99999], [-1], [2**40], [5, 100]):  # the tiny GPT-2 embeds ids 0..99
+            with pytest.raises(RequestError, match="vocabulary") as err:
+                engine.submit(ids, "a", GREEDY)
+            assert (err.value.param, err.value.status) == ("prompt", 400)
+        with pytest.raises(RequestError, match="tokenized"):
+            engine.submit([1.5], "a", GREEDY)
+        for seed in (2**70, 2**64, -(2**63) - 1):
+            with pytest.raises(RequestError, match="seed") as err:
+                engine.submit("the cat", "a", SamplingParams(temperature=1.0, seed=seed))
+            assert err.value.param == "seed"
+        assert engine.registry.pinned() == {}
+        # the largest seed torch takes still samples
+        assert engine.generate("the", "a", SamplingParams(max_tokens=3, seed=2**64 - 1)).finish_reason != "error"
+        assert engine.generate([99], "a", GREEDY).token_ids == reference_ids("gpt2", root, "a", [99], 10)
+
+
+def reference_ids(arch: str, root: str, adapter: str | None, ids: list[int], n: int) -> list[int]:
+    """reference() for a prompt given as ids."""
+    model, out = merged(arch, root, adapter), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def test_a_row_failing_in_sampling_ends_only_that_row(root, monkeypatch):
+    import lorakit.serve.engine as engine_module
+
+    real = engine_module.pick_token
+
+    def faulty(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("sampling broke for this row")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "pick_token", faulty)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True)
+    with start_engine("gpt2", root) as engine:
+        alone = engine.generate("the cat", "b", sampled).token_ids
+        long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        running = engine.submit("the cat sat on the mat", "a", long)
+        stream = running.stream()
+        next(stream)  # it is decoding when the others arrive
+        jobs = [engine.submit(p, a, GREEDY) for a, p in PROMPTS]
+        other = engine.submit("the cat", "b", sampled)
+        bad = engine.submit("the cat", "b", SamplingParams(max_tokens=10, temperature=1.0, seed=666))
+        assert bad.result(timeout=60).finish_reason == "error" and "sampling broke" in bad.completion.error
+        running.result(timeout=60)
+        assert engine.max_rows_seen >= 3  # the bad row shared its batch
+        assert running.completion.token_ids == reference("gpt2", root, "a", "the cat sat on the mat", 30)
+        for (adapter, prompt), job in zip(PROMPTS, jobs, strict=True):
+            assert job.result(timeout=60).token_ids == reference("gpt2", root, adapter, prompt, 10)
+        assert other.result(timeout=60).token_ids == alone
+        assert engine.registry.pinned() == {}
 
 
 def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(root):
@@ -238,3 +312,21 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(root):
         assert broken.finish_reason == "error" and "missing" in broken.error
         assert engine.alive
         assert engine.generate("the cat", "a", GREEDY).token_ids == reference("gpt2", root, "a", "the cat", 10)
+
+
+def test_a_failing_prefill_does_not_end_the_rows_already_decoding(root):
+    s = setup("gpt2", root)
+    multi = MultiLoraModel(s["build"](0), slots=2, max_rank=8)
+    multi.load("a", s["adapters"]["a"])
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    with Engine(multi, s["tokenizer"]) as engine:  # no registry: "missing" fails in the forward
+        running = engine.submit("the cat sat on the mat", "a", long)
+        stream = running.stream()
+        next(stream)
+        broken = engine.submit("the cat", "missing", GREEDY)
+        healthy = engine.submit("we went", None, GREEDY)  # may be admitted together with the broken one
+        assert broken.result(timeout=60).finish_reason == "error"
+        running.result(timeout=60)
+    assert running.completion.finish_reason == "length"
+    assert running.completion.token_ids == reference("gpt2", root, "a", "the cat sat on the mat", 30)
+    assert healthy.result(timeout=60).token_ids == reference("gpt2", root, None, "we went", 10)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import operator
 import os
 import queue
 import threading
@@ -72,6 +73,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = next(iter(self.eos_ids), 0)
         self._keep_one = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.vocab_size = _vocab_size(self.model)
         self._inbox: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
         self._batch = KVBatch()  # the running rows and their KV cache
@@ -115,10 +117,13 @@ class Engine:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (a string, or ids already)."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            ids = [int(t) for t in prompt]
+        try:  # the tokenizer refuses some strings (a lone surrogate): the client's fault, not the server's
+            if isinstance(prompt, str):
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            else:
+                ids = [_token_id(t) for t in prompt]
+        except (TypeError, ValueError) as err:
+            raise RequestError(f"the prompt cannot be tokenized: {err}", param="prompt") from None
         if not ids and getattr(self.tokenizer, "bos_token_id", None) is not None:
             ids = [self.tokenizer.bos_token_id]
         return list(ids)
@@ -148,6 +153,7 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")
+        self._check_ids(ids)
         if len(ids) >= self.max_context:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_context}: shorten it",
@@ -169,6 +175,18 @@ class Engine:
         self._inbox.put(request)
         return request
 
+    def _check_ids(self, ids: list[int]) -> None:
+        """Refuse ids the embedding cannot index: on CUDA one would be a device-side assert for the whole batch."""
+        if self.vocab_size is None:
+            return
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"token id {bad} is outside this model's vocabulary [0, {self.vocab_size})",
+                param="prompt",
+                code="invalid_token_id",
+            )
+
     def generate(
         self, prompt: str | Sequence[int], adapter: str | None = None, params: SamplingParams | None = None
     ) -> Completion:
@@ -183,18 +201,52 @@ class Engine:
             if self._stop.is_set():
                 break
             admitted = self._admit()
+            if admitted:
+                self._prefill_isolated(admitted)
             try:
-                if admitted:
-                    self._prefill(admitted)
-                    admitted = []
                 if self._batch.rows:
                     self._decode()
             except Exception as err:  # a bug or an OOM must not kill the server: fail what is in flight
                 log.exception("engine step failed")
-                for request in [row.request for row in self._batch.rows] + admitted:
+                for request in [row.request for row in self._batch.rows]:
                     if request.completion is None:
                         self._close(request, "error", error=f"{type(err).__name__}: {err}")
                 self._batch.clear()
+
+    def _prefill_isolated(self, requests: list[GenerationRequest]) -> None:
+        """Prefill the newcomers together; if that fails, each alone, so only the culprit fails.
+
+        The running batch is untouched until a prefill succeeds (its cache joins only then), so a
+        newcomer's fault never ends the rows already decoding.
+        """
+        try:
+            self._prefill(requests)
+            return
+        except Exception as err:
+            log.exception("prefill of %d requests failed", len(requests))
+            group_error = err
+        for request in requests:
+            if len(requests) == 1 or request.completion is not None or request.output_ids:
+                self._fail(request, group_error)  # alone already, or past its prefill: nothing to retry
+                continue
+            self._drop_row(request)
+            try:
+                self._prefill([request])
+            except Exception as err:
+                log.exception("prefill failed")
+                self._fail(request, err)
+
+    def _fail(self, request: GenerationRequest, err: BaseException) -> None:
+        """Close one request with `err`, dropping its row if it had joined the batch."""
+        self._drop_row(request)
+        if request.completion is None:
+            self._close(request, "error", error=f"{type(err).__name__}: {err}")
+
+    def _drop_row(self, request: GenerationRequest) -> None:
+        """Remove the request's row if a failure came after its cache joined the batch."""
+        keep = [i for i, row in enumerate(self._batch.rows) if row.request is not request]
+        if len(keep) != len(self._batch.rows):
+            self._batch.keep(keep)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -271,32 +323,39 @@ class Engine:
         """Pick each row's next token, stream its text, and remove the rows that finished."""
         # greedy rows need only the argmax: one small transfer, not the whole [rows, vocab] logits
         greedy = logits.argmax(dim=-1).tolist()
-        finished = []
+        finished: list[tuple[Row, str, str | None]] = []
         for i, row in enumerate(rows):
-            request = row.request
-            if request.cancelled:
-                finished.append((row, "cancelled"))
+            try:
+                reason = self._step_row(row, greedy[i], logits[i])
+            except Exception as err:  # one row's fault (sampling, decoding its text) ends that row only
+                log.exception("request %s failed", row.request.id)
+                finished.append((row, "error", f"{type(err).__name__}: {err}"))
                 continue
-            # rows get a generator in _prefill only when they sample (temperature > 0)
-            token = greedy[i] if row.generator is None else pick_token(logits[i].cpu(), request.params, row.generator)
-            row.last = token
-            reason = None
-            if token in self.eos_ids and not request.params.ignore_eos:
-                reason = "stop"
-            else:
-                request.output_ids.append(token)
-                if self._emit(request):
-                    reason = "stop"
-                elif len(request.output_ids) >= request.params.max_tokens:
-                    reason = "length"
             if reason:
-                finished.append((row, reason))
+                finished.append((row, reason, None))
         self.max_rows_seen = max(self.max_rows_seen, len(self._batch.rows))
         if finished:
-            gone = {id(row) for row, _ in finished}
+            gone = {id(row) for row, _, _ in finished}
             self._batch.keep([i for i, row in enumerate(self._batch.rows) if id(row) not in gone])
-            for row, reason in finished:
-                self._close(row.request, reason)
+            for row, reason, error in finished:
+                self._close(row.request, reason, error=error)
+
+    def _step_row(self, row: Row, greedy: int, logits: torch.Tensor) -> str | None:
+        """Give one row its next token; the finish reason when it is done, else None."""
+        request = row.request
+        if request.cancelled:
+            return "cancelled"
+        # rows get a generator in _prefill only when they sample (temperature > 0)
+        token = greedy if row.generator is None else pick_token(logits.cpu(), request.params, row.generator)
+        row.last = token
+        if token in self.eos_ids and not request.params.ignore_eos:
+            return "stop"
+        request.output_ids.append(token)
+        if self._emit(request):
+            return "stop"
+        if len(request.output_ids) >= request.params.max_tokens:
+            return "length"
+        return None
 
     def _text(self, request: GenerationRequest) -> str:
         return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
@@ -335,6 +394,24 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """The text before the earliest stop sequence in it, and whether one appeared."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _token_id(value: Any) -> int:
+    """A prompt id as an int; a bool or a float is a client's mistake, not a token."""
+    if isinstance(value, bool):
+        raise TypeError(f"token ids must be integers, not {value!r}")
+    return operator.index(value)  # ints, numpy and 0-d torch integers; never a float's silent truncation
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    """How many ids the model can embed: the smaller of config.vocab_size and the input embedding's rows."""
+    sizes = [getattr(model.config, "vocab_size", None)]
+    try:
+        sizes.append(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError):
+        pass
+    sizes = [n for n in sizes if isinstance(n, int) and n > 0]
+    return min(sizes) if sizes else None
 
 
 def _context_length(config: Any) -> int:

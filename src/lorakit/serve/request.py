@@ -18,6 +18,9 @@ import torch
 
 from lorakit.errors import LorakitError
 
+# What torch.Generator.manual_seed accepts (an int64 or a uint64); outside it raises mid-batch.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 class RequestError(LorakitError):
     """A generation request that cannot be served as asked (too long, bad parameter, unknown adapter)."""
@@ -40,7 +43,7 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise RequestError naming the first out-of-range field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, not {self.max_tokens!r}", param="max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             raise RequestError(f"temperature must be in [0, 2], not {self.temperature!r}", param="temperature")
@@ -48,6 +51,10 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], not {self.top_p!r}", param="top_p")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop must be up to 4 non-empty strings", param="stop")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], not {self.seed!r}", param="seed")
 
 
 @dataclass
