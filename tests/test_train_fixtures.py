@@ -113,3 +113,86 @@ def cls_files(tmp_path_factory) -> tuple[Path, Path]:
     """(train.tsv with 96 rows, dev.tsv with 30 rows), three labels."""
     folder = tmp_path_factory.mktemp("cls-data")
     return write_tsv(folder / "train.tsv", make_rows(96, 0)), write_tsv(folder / "dev.tsv", make_rows(30, 1))
+
+
+# --- killing a real `lorakit train` process at a known point ------------------------------------
+# The child is `lorakit.cli.main(argv)` with two test-side hooks set through the Python API (no
+# hook in lorakit itself): `on_step` of the Trainer, and a wrapper around atomic._swap_in. When
+# the chosen point is reached the child prints KILL-ME and sleeps; the parent then sends SIGKILL.
+CHILD = r"""
+import sys, time
+from lorakit import atomic
+from lorakit.cli import main
+from lorakit.train import loop
+
+mode, arg, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+seen = {}
+
+def park():
+    print("KILL-ME", flush=True)
+    time.sleep(600)
+
+if mode == "step":
+    init = loop.Trainer.__init__
+    def patched(self, config, on_step=None):
+        init(self, config, on_step=lambda step: park() if step == int(arg) else None)
+    loop.Trainer.__init__ = patched
+elif mode == "swap":  # arg NAME:K: die with the K-th new NAME folder written but not yet swapped in
+    name, k = arg.split(":")
+    swap = atomic._swap_in
+    def slow_swap(tmp, out):
+        if out.name == name:
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] == int(k):
+                park()
+        swap(tmp, out)
+    atomic._swap_in = slow_swap
+sys.exit(main(argv))
+"""
+
+
+def child_env(**extra):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
+def kill_train(argv: list[str], mode: str = "step", arg: str = "1", after: float | None = None) -> str:
+    """Run `lorakit train argv` in a child and SIGKILL it at the point `mode`/`arg` (or `after`
+    seconds, if sooner). Returns "killed", or "finished" when the run ended before the point."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, mode, arg, *map(str, argv)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    timer = threading.Timer(after, proc.send_signal, (signal.SIGKILL,)) if after else None
+    if timer:
+        timer.start()
+    try:
+        line = proc.stdout.readline()
+        if "KILL-ME" in line:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        if timer:
+            timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode == -signal.SIGKILL:
+        return "killed"
+    assert proc.returncode == 0, err[-2000:]
+    return "finished"

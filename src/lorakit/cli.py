@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import os
 import pkgutil
@@ -171,17 +172,27 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"lorakit {name}: error: {err.filename or err} does not exist: check the path", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(name, err)
+        where = err.filename or "the output"
+        print(f"lorakit {name}: error: no space left on the device to write {where}: free some", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lorakit {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a bug in lorakit, not the user's fault: still one line unless asked
-        if os.environ.get("LORAKIT_DEBUG"):
-            raise
-        print(
-            f"lorakit {name}: internal error: {type(err).__name__}: {err} (LORAKIT_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return _internal_error(name, err)
+
+
+def _internal_error(name: str, err: Exception) -> int:
+    if os.environ.get("LORAKIT_DEBUG"):
+        raise err
+    print(
+        f"lorakit {name}: internal error: {type(err).__name__}: {err} (LORAKIT_DEBUG=1 shows the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lorakit
-from lorakit.atomic import replace_folder
+from lorakit.atomic import recover_folder, replace_folder
 from lorakit.errors import UsageError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
@@ -42,18 +42,21 @@ from lorakit.train.report import (
     write_json,
 )
 
-OUTPUTS = ("adapter", "model", ckpt.CHECKPOINT_DIR, "metrics.jsonl", "loss.png", SUMMARY_FILE, "train_config.json")
-STOP_HOOK = "LORAKIT_TEST_STOP_AFTER_STEP"  # tests: die (as if killed) right after this step
-
 
 class Trainer:
     """One training run of TrainConfig `config`; `run()` returns the summary dict."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, on_step: Callable[[int], None] | None = None) -> None:
+        """`on_step(step)` (Python API only) is called after each optimizer step, its log line and
+        checkpoint: tests use it to stop or kill a run at a known point."""
         config.validate()
         self.config = config
+        self.on_step = on_step
         self.out = Path(config.out)
         self.dist = distributed.setup()
+        if self.dist.main:  # a crash inside an earlier run's folder swap: put the old folder back
+            for name in ("adapter", "model", ckpt.CHECKPOINT_DIR):
+                recover_folder(self.out / name)
         check_out_dir(self.out, config.resume, config.overwrite)
         self.base = model_path(config.model, config.task)
         self.tokenizer = load_tokenizer(self.base)
@@ -108,6 +111,16 @@ class Trainer:
     def _save_output(self) -> None:
         if not self.dist.main:
             return
+        try:
+            self._write_output()
+        except OSError as err:
+            name = "model" if self.lora is None else "adapter"
+            raise UsageError(
+                f"could not write {self.out / name}: {err.strerror or err}; the previous one is kept "
+                "(free some space, then train again)"
+            ) from None
+
+    def _write_output(self) -> None:
         if self.lora is None:  # the previous best stays whole until the new one is in place
 
             def write(tmp: Path) -> None:
@@ -146,6 +159,38 @@ class Trainer:
         keys = ("batch_size", "grad_accum", "seed", "group_by_length", "lr", "schedule", "warmup", "max_length")
         return {**{k: getattr(c, k) for k in keys}, "total_steps": self.total_steps, "examples": len(self.lengths)}
 
+    def _resume(self, optimizer, scheduler, scaler, book: dict[str, Any]) -> int:
+        """Load the checkpoint into the model, optimizer, scheduler, scaler, RNGs and `book`; its step."""
+        state = ckpt.load_checkpoint(self.out)
+        if state.get("world", 1) != self.dist.world:
+            raise UsageError(
+                f"--resume: the checkpoint was made by {state.get('world')} processes; resume with as many"
+            )
+        old, plan = state.get("plan", {}), self._plan_key()
+        changed = [f"{k} {old[k]!r} -> {plan[k]!r}" for k in plan if k in old and old[k] != plan[k]]
+        if changed:
+            raise UsageError(
+                f"--resume: the run was started with other settings ({'; '.join(changed)}); "
+                "resume with the same flags and data, or start a new run"
+            )
+        start = ckpt.check_step(state, self.total_steps, self.out)
+        try:
+            ckpt.restore_trainable(self.model, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            ckpt.set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            if isinstance(err, UsageError):
+                raise
+            raise UsageError(
+                f"--resume: the checkpoint in {self.out} does not fit this run ({type(err).__name__}: {err}); "
+                "resume with the same flags, or start again with --overwrite"
+            ) from None
+        book.update(state["book"])
+        return start
+
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train, evaluate, save; returns the summary (also written to DIR/summary.json)."""
@@ -167,31 +212,9 @@ class Trainer:
         book.update({"win_loss": 0.0, "win_weight": 0, "win_examples": 0, "win_time": 0.0, "examples": 0})
         start = 0
         if c.resume:
-            state = ckpt.load_checkpoint(self.out)
-            if state.get("world", 1) != d.world:
-                raise UsageError(
-                    f"--resume: the checkpoint was made by {state.get('world')} processes; resume with as many"
-                )
-            old, plan = state.get("plan", {}), self._plan_key()
-            changed = [f"{k} {old[k]!r} -> {plan[k]!r}" for k in plan if k in old and old[k] != plan[k]]
-            if changed:
-                raise UsageError(
-                    f"--resume: the run was started with other settings ({'; '.join(changed)}); "
-                    "resume with the same flags and data, or start a new run"
-                )
-            ckpt.restore_trainable(self.model, state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            ckpt.set_rng_state(state["rng"])
-            book.update(state["book"])
-            start = state["step"]
-        elif d.main:
+            start = self._resume(optimizer, scheduler, scaler, book)
+        elif d.main:  # with --overwrite the old outputs stay until this run's replace them (see _finish)
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in OUTPUTS if c.overwrite else ():  # only lorakit's own outputs, never other files
-                target = self.out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             write_json(self.out / "train_config.json", {k: v for k, v in vars(c).items() if k != "extra"})
         d.barrier()
         log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=start) if d.main else None
@@ -205,7 +228,6 @@ class Trainer:
         metric, higher = BEST_METRIC[c.task]
         pad = pad_id_of(self.tokenizer)
         weights = [e.weight for e in self.train_data.examples]
-        stop_after = int(os.environ.get(STOP_HOOK, "0") or 0)
         bar = tqdm(
             total=self.total_steps, initial=start, desc="training", unit="step", disable=not (d.main and c.progress)
         )
@@ -295,8 +317,8 @@ class Trainer:
             bar.update(1)
             if c.checkpoint_every and step % c.checkpoint_every == 0 and step < self.total_steps and not stop:
                 self._checkpoint(step, optimizer, scheduler, scaler, book)
-            if stop_after and step == stop_after:
-                os._exit(75)  # the test hook: vanish like a killed process, no clean-up
+            if self.on_step is not None:
+                self.on_step(step)
             if stop:
                 break
         bar.close()
@@ -334,6 +356,8 @@ class Trainer:
             plot_losses(read_records(self.out / "metrics.jsonl"), self.out / "loss.png")
             write_json(self.out / SUMMARY_FILE, summary)
             shutil.rmtree(self.out / ckpt.CHECKPOINT_DIR, ignore_errors=True)
+            stale = self.out / ("adapter" if self.lora is None else "model")  # an --overwrite'n run's other kind
+            shutil.rmtree(stale, ignore_errors=True)
         return summary
 
 

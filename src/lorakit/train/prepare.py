@@ -46,7 +46,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
     finished = (out / SUMMARY_FILE).is_file()
-    pending = (out / ckpt.CHECKPOINT_DIR / ckpt.STATE_FILE).is_file()
+    pending = ckpt.has_checkpoint(out)
     if resume:
         if finished and not pending:
             raise UsageError(f"--resume: the run in {out} has finished; nothing to resume (use --overwrite to redo it)")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lorakit.atomic import replace_file
+from lorakit.errors import UsageError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -17,15 +18,16 @@ PLOT_FILE = "loss.png"
 
 
 class MetricsLog:
-    """Appends one JSON line per log step; on resume, drops lines after the checkpoint."""
+    """Appends one JSON line per log step; on resume, drops lines after the checkpoint (and a last
+    line torn by a kill mid-write)."""
 
     def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
         self.path = path
         lines = []
         if keep_until_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step:
-                    lines.append(line)
+            for record in _parsed_lines(path):
+                if record.get("step", 0) <= keep_until_step:
+                    lines.append(json.dumps(record))
         write_atomically(path, "".join(line + "\n" for line in lines))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -38,10 +40,27 @@ class MetricsLog:
         return read_records(self.path)
 
 
+def _parsed_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file; a torn last line (a run killed mid-write) is dropped,
+    a damaged line before it is a UsageError."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UsageError(f"{path} line {number} is damaged; fix or delete that line, then --resume") from None
+        records.append(record)
+    return records
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file ([] when there is none)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The records of a metrics.jsonl file ([] when there is none; a torn last line is dropped)."""
+    return _parsed_lines(path) if path.is_file() else []
 
 
 def write_atomically(path: Path, text: str) -> None:
