@@ -123,13 +123,17 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_pin(server):
     while server["registry"].pinned() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server["registry"].pinned() == {}
-    assert server["engine"].generate("the", "a", SamplingParams(max_tokens=3, temperature=0)).finish_reason
+    after = server["engine"].generate("the", "a", SamplingParams(max_tokens=3, temperature=0))
+    assert (after.text, after.finish_reason) == expected(server, "a", "the", 3)
 
 
 def test_seeded_sampling_is_reproducible_over_http(server):
     kwargs = {"model": "a", "prompt": "the cat", "max_tokens": 10, "temperature": 1.0, "top_p": 0.95, "seed": 11}
     first = client(server).completions.create(**kwargs).choices[0].text
     assert client(server).completions.create(**kwargs).choices[0].text == first
+    # it really sampled: another seed, and greedy decoding, give other texts (100 near-even ids, 10 tokens)
+    assert client(server).completions.create(**{**kwargs, "seed": 12}).choices[0].text != first
+    assert client(server).completions.create(**{**kwargs, "temperature": 0}).choices[0].text != first
 
 
 def test_api_keys_401_and_403(server):
@@ -162,6 +166,13 @@ BAD = [
     ({"model": "a", "prompt": "the", "temperature": 5}, 400, "invalid_value", "temperature"),
     ({"model": "a"}, 400, "invalid_value", "prompt"),
     ({"model": "a", "prompt": "the " * 2000}, 413, "body_too_large", None),
+    ({"model": "a", "prompt": [99999]}, 400, "invalid_token_id", "prompt"),
+    ({"model": "a", "prompt": [-1]}, 400, "invalid_token_id", "prompt"),
+    ({"model": "a", "prompt": [2**40]}, 400, "invalid_token_id", "prompt"),
+    ({"model": "a", "prompt": "the", "temperature": 1, "seed": 2**70}, 400, None, "seed"),
+    ({"model": "a", "prompt": "the \ud800 cat"}, 400, "invalid_json", None),
+    (b'{"model": "a", "prompt": "the", "temperature": NaN}', 400, "invalid_json", None),
+    (b'{"model": "a", "prompt": ' + b"[" * 4000, 400, "invalid_json", None),
 ]
 
 
@@ -173,6 +184,87 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["code"], error["param"]) == (code, param) and error["message"]
     assert client(server).completions.create(model="a", prompt="the", max_tokens=2, temperature=0).choices
+
+
+def test_errors_leave_the_keep_alive_connection_usable(server, tmp_path):
+    loop = Path(server["root"]) / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    bad = [
+        ("/v1/completions", {"model": "a", "prompt": "\ud800"}, 400),
+        ("/v1/completions", b"[" * 4000, 400),  # deeper than the recursion limit, inside max_body
+        ("/v1/adapters", {"name": "n", "path": "gpt2/a\x00b"}, 400),
+        ("/v1/adapters", {"name": "n", "path": "x" * 300}, 400),  # one name past NAME_MAX (5,000 is past max_body here)
+        ("/v1/adapters", {"name": "n", "path": "loop"}, 400),
+        ("/v1/adapters", {"name": "n", "path": "loop/inside"}, 400),
+    ]
+    headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=server["url"], headers=headers, timeout=60) as http:
+        for path, body, status in bad:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            response = http.post(path, content=data)
+            assert response.status_code == status, (path, body if isinstance(body, dict) else body[:40])
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+            assert response.headers.get("connection") != "close"
+            good = http.post("/v1/completions", json={"model": "a", "prompt": "the", "max_tokens": 2, "temperature": 0})
+            assert good.status_code == 200
+    assert server["registry"].pinned() == {}
+
+
+def test_an_unexpected_failure_is_a_json_500_on_a_live_connection(server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(server["engine"], "chat_prompt", broken)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    messages = [{"role": "user", "content": "the"}]
+    with httpx.Client(base_url=server["url"], headers=headers, timeout=60) as http:
+        response = http.post("/v1/chat/completions", json={"model": "a", "messages": messages})
+        assert response.status_code == 400  # a template error is the request's
+        monkeypatch.setattr(server["engine"], "encode", broken)
+        response = http.post("/v1/completions", json={"model": "a", "prompt": "the"})
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        monkeypatch.undo()
+        good = http.post("/v1/completions", json={"model": "a", "prompt": "the", "max_tokens": 2, "temperature": 0})
+        assert good.status_code == 200
+
+
+def test_health_names_adapters_only_to_a_key_and_auth_comes_before_the_body(server):
+    anonymous = httpx.get(server["url"] + "/health").json()
+    assert anonymous["status"] == "ok" and "adapters" not in anonymous
+    as_user = httpx.get(server["url"] + "/health", headers={"Authorization": f"Bearer {USER}"}).json()
+    assert as_user["adapters"] == ["a"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/adapters"):
+        assert post(server, path, b"{not json", key="").status_code == 401, path
+        assert post(server, path, b"{not json", key="wrong-key-0000").status_code == 401, path
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(server):
+    import socket
+
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"Authorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
+        sent, answer = 0, b""
+        sock.settimeout(0.002)
+        while sent < 64 << 20 and b"\r\n\r\n" not in answer:
+            try:
+                sock.sendall(chunk)
+                sent += 1024
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+        sock.settimeout(30)
+        while b"}}" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert b'"body_too_large"' in answer
+    assert sent < 8 << 20  # refused near the 4 KB limit, not after the whole 64 MB arrived
 
 
 def test_load_and_delete_adapters_under_the_root_only(server):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -30,6 +31,9 @@ from lorakit.serve.batched import NoFreeSlotError
 from lorakit.serve.engine import Engine, RequestError, SamplingParams
 
 MAX_BODY = 1 << 20  # bytes; a prompt longer than any context fits well under this
+MAX_PATH = 1024  # characters of an adapter path: far past any real folder, short of the OS's ENAMETOOLONG
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -79,7 +83,60 @@ class ClassifyBody(BaseModel):
 
 class AdapterBody(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]+$")
+
+
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a JSON 500 and the connection stays usable.
+
+    Starlette's own handler for Exception re-raises after answering, and uvicorn then closes the
+    keep-alive connection, so the client's next request on it is reset; this one swallows it.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False}
+
+        async def tracked(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await _answer_crash(err, state, scope, receive, send)
+
+
+async def _answer_crash(err: Exception, state: dict, scope: dict, receive: Any, send: Any) -> None:
+    try:
+        if not state["started"]:
+            error = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error")
+            await error.response()(scope, receive, send)
+        elif not state["ended"]:  # mid-stream: end the body cleanly so the connection can be reused
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except OSError:  # the client is gone: nothing left to tell it
+        pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _has_surrogate(data: Any) -> bool:
+    """Whether a parsed body holds a lone surrogate (a JSON escape like \\ud800 that no UTF-8 can carry)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def create_app(
@@ -117,15 +174,12 @@ def create_app(
                 engine.stop()
 
     app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(CatchAll)
     app.state.engine = engine
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
         return err.response()
-
-    @app.exception_handler(Exception)
-    async def _crash(_: Request, err: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
 
     @app.exception_handler(404)
     async def _no_route(request: Request, _: Exception) -> JSONResponse:
@@ -152,9 +206,8 @@ def create_app(
         if grant is not None and not grant.admin:
             raise APIError(403, f"only a '*' API key may {verb} adapters", code="forbidden")
 
-    def adapter_for(request: Request, model: str) -> str | None:
+    def adapter_for(grant: Grant | None, model: str) -> str | None:
         """The registry name for `model` (None for the base), after the key check."""
-        grant = grant_of(request)
         # The grant first: a key must not learn which adapters it may not use exist (403 either way).
         if grant is not None and not grant.allows(model):
             raise APIError(403, f"this API key may not use model {model!r}", param="model", code="forbidden")
@@ -163,28 +216,42 @@ def create_app(
                            code="model_not_found")  # fmt: skip
         return None if model == base_name else model
 
-    async def parse(request: Request, schema: type[BaseModel]) -> Any:
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes max_body (a chunked one has no length to check first)."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body:  # refuse before reading it into memory
             raise APIError(413, f"request body is {declared} bytes; the limit is {max_body}", code="body_too_large")
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {max_body}", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise APIError(413, f"request body is over the limit of {max_body} bytes", code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(request: Request, schema: type[BaseModel]) -> Any:
+        raw = await read_body(request)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except RecursionError:  # nesting deeper than the interpreter's stack: no request needs that
+            raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
+        except ValueError as err:  # also bad UTF-8, NaN/Infinity, and integers over Python's digit limit
             raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        if _has_surrogate(data):
+            raise APIError(400, "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)", code="invalid_json")
         try:
             return schema.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from None
+        except RecursionError:
+            raise APIError(400, "the body is nested too deeply", code="invalid_value") from None
 
-    async def submit(request: Request, body: _Body, prompt: Any) -> Any:
+    async def submit(grant: Grant | None, body: _Body, prompt: Any) -> Any:
         if engine is None:
             raise APIError(400, "this base model is a classifier: use POST /v1/classify", code="unsupported")
-        adapter = adapter_for(request, body.model)
+        adapter = adapter_for(grant, body.model)
         max_tokens = body.max_tokens or body.max_completion_tokens or default_max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, stop)
@@ -229,9 +296,15 @@ def create_app(
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
         alive = engine is None or engine.alive
-        return {"status": "ok" if alive else "engine stopped", "model": base_name, "adapters": sorted(registry.known())}
+        answer = {"status": "ok" if alive else "engine stopped", "model": base_name}
+        try:  # probes come without a key: they learn the server is up, not which adapters it holds
+            grant = grant_of(request)
+        except APIError:
+            return answer
+        answer["adapters"] = [n for n in sorted(registry.known()) if grant is None or grant.allows(n)]
+        return answer
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -250,8 +323,20 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
+    async def submit_all(grant: Grant | None, body: _Body, prompts: list[Any]) -> list[Any]:
+        jobs: list[Any] = []
+        try:
+            for prompt in prompts:
+                jobs.append(await submit(grant, body, prompt))
+        except BaseException:  # a later prompt was refused: the earlier ones must not run for nobody
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
+        grant = grant_of(request)  # before the body: a caller without a key learns nothing from it
         body = await parse(request, CompletionBody)
         prompts = (
             body.prompt
@@ -260,7 +345,9 @@ def create_app(
         )
         if body.stream and len(prompts) != 1:
             raise APIError(400, "streaming takes one prompt, not a list", param="prompt")
-        jobs = [await submit(request, body, p) for p in prompts]
+        if len(prompts) > 256:
+            raise APIError(400, "prompt must hold 1 to 256 strings", param="prompt")
+        jobs = await submit_all(grant, body, prompts)
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -284,11 +371,16 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
+        grant = grant_of(request)
         body = await parse(request, ChatBody)
         if engine is None:
             raise APIError(400, "this base model is a classifier: use POST /v1/classify", code="unsupported")
-        prompt = engine.chat_prompt([m.model_dump() for m in body.messages])
-        job = await submit(request, body, prompt)
+        adapter_for(grant, body.model)  # the key check before the chat template runs
+        try:
+            prompt = engine.chat_prompt([m.model_dump() for m in body.messages])
+        except Exception as err:  # a template may refuse roles or orders (jinja raises its own errors)
+            raise APIError(400, f"the messages do not fit the chat template: {err}", param="messages") from None
+        job = await submit(grant, body, prompt)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
 
@@ -308,10 +400,11 @@ def create_app(
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
+        grant = grant_of(request)
         body = await parse(request, ClassifyBody)
         if not classifier:
             raise APIError(400, "this base model is a causal LM: use /v1/completions", code="unsupported")
-        adapter = adapter_for(request, body.model)
+        adapter = adapter_for(grant, body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > 256:
             raise APIError(400, "input must hold 1 to 256 strings", param="input")
@@ -350,20 +443,12 @@ def create_app(
             raise APIError(
                 403, "this server was started without --adapter-root: adapters cannot be loaded", param="path"
             )
-        path = (root / body.path).resolve()
-        if not path.is_relative_to(root):
-            raise APIError(
-                403, f"path {body.path!r} is outside the adapter root", param="path", code="path_not_allowed"
-            )
-        if not path.is_dir():
-            raise APIError(
-                404, f"no adapter folder {body.path!r} under the adapter root", param="path", code="not_found"
-            )
+        path = adapter_folder(root, body.path)
         if body.name == base_name:
             raise APIError(409, f"{body.name!r} is the base model's name: pick another", param="name")
         try:
             await run_in_threadpool(registry.register, body.name, path)
-        except LorakitError as err:
+        except (LorakitError, OSError) as err:  # OSError: the folder changed or is unreadable under us
             raise APIError(400, str(err), param="path", code="invalid_adapter") from None
         return {"id": body.name, "object": "model", "owned_by": "lorakit", "parent": base_name}
 
@@ -379,6 +464,22 @@ def create_app(
         return {"id": name, "object": "model", "deleted": True}
 
     return app
+
+
+def adapter_folder(root: Path, given: str) -> Path:
+    """The folder `given` names under `root`: 403 outside it, 404 missing, 400 unresolvable (a symlink loop)."""
+    try:
+        path = (root / given).resolve()
+        inside = path.is_relative_to(root)
+        is_dir = inside and path.is_dir()
+    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: Python 3.11's "Symlink loop"
+        raise APIError(400, f"path {given[:200]!r} cannot be resolved: {err}"[:500], param="path",
+                       code="invalid_path") from None  # fmt: skip
+    if not inside:
+        raise APIError(403, f"path {given!r} is outside the adapter root", param="path", code="path_not_allowed")
+    if not is_dir:
+        raise APIError(404, f"no adapter folder {given!r} under the adapter root", param="path", code="not_found")
+    return path
 
 
 def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, threading.Thread, int]:
