@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import BertForSequenceClassification, GPT2LMHeadModel
 
 import lorakit
+import lorakit.atomic
 import lorakit.io
 from lorakit.inject import CONFIGS_ATTR
 
@@ -376,7 +377,8 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
         assert torch.allclose(loaded(input_ids=ids).logits, first(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
-def test_failed_final_rename_keeps_the_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["two-renames", "exchange"])
+def test_failed_final_rename_keeps_the_previous_adapter(tmp_path, monkeypatch, swap):
     out = tmp_path / "out"
     lorakit.save_adapter(with_adapter(bert()), out)
     before = folder_bytes(out)
@@ -387,6 +389,12 @@ def test_failed_final_rename_keeps_the_previous_adapter(tmp_path, monkeypatch):
             raise OSError(13, "Permission denied")
         return real_replace(src, dst)
 
+    def exchange(a, b):
+        if swap == "exchange":  # renameat2 itself refuses
+            raise OSError(13, "Permission denied", str(a))
+        return False  # a file system without RENAME_EXCHANGE: the two-rename path
+
+    monkeypatch.setattr(lorakit.atomic, "_exchange", exchange)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="Permission denied"):
         lorakit.save_adapter(with_adapter(bert(), seed=2), out)
