@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_fixtures import bert_dir, cls_files, make_rows, other_bert_dir, train_argv, write_tsv  # noqa: F401
+from test_train_fixtures import (  # noqa: F401
+    bert_dir,
+    cls_files,
+    kill_train,
+    make_rows,
+    other_bert_dir,
+    train_argv,
+    write_tsv,
+)
 
 from lorakit.cli import main
 
@@ -120,3 +128,24 @@ def test_eval_command_and_its_errors(finished_run, tmp_path, capsys, bert_dir, o
 def test_resume_without_checkpoint_and_unfinished_dir(tmp_path, capsys, bert_dir, cls_files):  # noqa: F811
     line = one_error_line(capsys, main(train_args(bert_dir, cls_files, tmp_path / "new", "--resume")))
     assert "no checkpoint" in line
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_finished_run_until_the_new_one_replaces_it(tmp_path, bert_dir, cls_files):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(train_args(bert_dir, cls_files, out, "--checkpoint-every", "1", "--max-steps", "3")) == 0
+    kept = {name: _snapshot(out / name) for name in ("adapter",)}
+    summary = (out / "summary.json").read_bytes()
+    # a real process SIGKILLed after 2 steps of the new run (and its first checkpoint)
+    again = train_args(bert_dir, cls_files, out, "--overwrite", "--max-steps", "8", "--log-every", "1")
+    assert kill_train([*again, "--checkpoint-every", "2"], "step", "2") == "killed"
+    assert {name: _snapshot(out / name) for name in kept} == kept and (out / "summary.json").read_bytes() == summary
+    assert json.loads((out / "checkpoint" / "manifest.json").read_text())["step"] == 2  # the new run's
+    assert main([*again, "--full", "--lr", "1e-4"]) == 0  # a finished new run of the other kind
+    assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()  # the stale one went
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8 and not (out / "checkpoint").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
