@@ -137,6 +137,40 @@ def test_merge_refuses_a_non_empty_folder_and_overwrites_only_when_asked(bert_fi
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
 
 
+def test_merge_refuses_a_written_folder_whose_outputs_differ(bert_files, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.commands import merge
+
+    base, adapter, _ = bert_files
+    real = merge._write_merged
+
+    def faulty_writer(folder, plain, tok):  # a writer bug: the head on disk is off by 1e-2
+        real(folder, plain, tok)
+        tensors = load_file(folder / "model.safetensors")
+        key = next(k for k in tensors if k.endswith("classifier.weight"))
+        tensors[key] = tensors[key] + 1e-2
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(merge, "_write_merged", faulty_writer)
+    for out in (tmp_path / "new", tmp_path / "old"):
+        if out.name == "old":  # an existing folder is replaced only by a checked one
+            (out).mkdir()
+            (out / "keep.txt").write_text("mine")
+        code, _, err = call(capsys, "merge", "--model", base, "--adapter", adapter, "--out", out, "--overwrite")
+        assert code == 2 and "differ from base + adapter" in err and "limit 1.0e-04" in err
+        one_line_error(err, "merge")
+    assert not (tmp_path / "new").exists() and names(tmp_path / "old") == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temp folder left either
+    monkeypatch.undo()
+    code, out, _ = call(capsys, "merge", "--model", base, "--adapter", adapter, "--out", tmp_path / "new")
+    assert code == 0 and "reloaded with transformers" in out and "(limit 1.0e-04)" in out
+
+
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
 @pytest.mark.parametrize("case", ["other base", "not an adapter", "no model folder", "missing option"])
 def test_merge_bad_input_is_one_line_and_writes_nothing(bert_files, tmp_path, capsys, case):
     base, adapter, other = bert_files
