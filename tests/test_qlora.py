@@ -201,3 +201,35 @@ def test_train_cli_quantize_nf4(tmp_path, capsys, bert_dir, cls_files):  # noqa:
     assert main(train_args(bert_dir, cls_files, tmp_path / "bad", "--quantize", "nf4", "--full")) == 2
     assert "drop --full" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_badly_quantized_layer_stays_full_precision_and_is_reported(monkeypatch, caplog):
+    original = tiny.llama(0).eval()
+    model = copy.deepcopy(original)
+    target, real = model.model.layers[0].mlp.gate_proj, quant._quantize_layer
+
+    def damaging(module, weight, *args):  # this one layer gets the NF4 codes of another weight
+        return real(module, weight.flip(0) if module is target else weight, *args)
+
+    monkeypatch.setattr(quant, "_quantize_layer", damaging)
+    with caplog.at_level("WARNING", logger="lorakit.quant"):
+        quant.quantize_model(model)
+    report = model.quant_report
+    assert list(report.kept) == ["model.layers.0.mlp.gate_proj"] and report.kept["model.layers.0.mlp.gate_proj"] > 1
+    kept = model.model.layers[0].mlp.gate_proj
+    assert type(kept) is nn.Linear and torch.equal(kept.weight, original.model.layers[0].mlp.gate_proj.weight)
+    assert type(model.model.layers[0].mlp.up_proj) is bnb.nn.Linear4bit
+    assert len(report.quantized) == 13 and all(quant.is_quantized(model.get_submodule(n)) for n in report.quantized)
+    assert report.memory == quant.memory_report(model) and report.memory["quantized_layers"] == 13
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "model.layers.0.mlp.gate_proj" in line and "MiB saved" in line
+
+
+def test_real_bitsandbytes_keeps_nothing_back_and_the_bound_holds():
+    original = tiny.llama(0).eval()
+    model = quant.quantize_model(copy.deepcopy(original))
+    assert model.quant_report.kept == {} and len(model.quant_report.quantized) == 14
+    for name in model.quant_report.quantized:
+        layer = model.get_submodule(name)
+        ratio = quant.nf4_error_ratio(original.get_submodule(name).weight, quant.dequantize_weight(layer), 64, True)
+        assert 0 < ratio <= 1, name

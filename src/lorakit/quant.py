@@ -18,8 +18,12 @@ commands): the two bases differ by the quantisation error, which the adapter was
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import LoraConfig
@@ -27,6 +31,8 @@ from lorakit.errors import UsageError
 from lorakit.inject import find_targets, lora_layers, walk
 from lorakit.io import FINGERPRINT_ATTR, fingerprint_sample
 from lorakit.layers import LoraLayer
+
+logger = logging.getLogger(__name__)
 
 
 def bnb_available() -> bool:
@@ -53,6 +59,83 @@ def is_quantized(module: nn.Module) -> bool:
     return hasattr(getattr(module, "weight", None), "quant_state")
 
 
+# The check quantize_model runs on every layer it made. NF4 rounds w / s (s: the block's absmax)
+# to the nearest of 16 levels; the widest gap is on the negative side (-1.0 to -0.6962, the positive
+# side's widest is 1.0 - 0.7230), so the rounding error is at most 0.1519 s. Double quantisation
+# stores s in 8 bits (bitsandbytes' dynamic map over s - mean(s), nested blocks of 256): its widest
+# half step is 0.00703 of the nested block's largest |s - mean|, which is at most the weight's absmax
+# A, and that scale error reaches the weight at most once (|level| <= 1). So a healthy block has
+#     max |w - dequant(w)| <= 0.1519 s + 0.00703 A (+ rounding of the output dtype).
+# Measured with bitsandbytes 0.48.2 on this CPU (48 shapes from 2x34 to 768x512, 4 seeds, Gaussian,
+# nn.Linear init, 1% 20x outliers, lognormal row scales, cubed Gaussian): no double quantisation
+# reaches exactly 0.1519 s; with it the excess over 0.1519 s is at most 0.0063 A. The bound below
+# allows 0.152 s + 0.02 A (about 3x the worst double-quant excess seen): a healthy weight passes,
+# a damaged one (seen on some CPUs with bitsandbytes 0.49/0.50: 0.35-0.46 of absmax) does not.
+NF4_HALF_GAP = 0.152
+DOUBLE_QUANT_ALLOWANCE = 0.02
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_model` did: the layers now 4-bit, the layers kept in full precision because
+    their NF4 copy failed the error check (name -> worst block error / allowed error, > 1), and
+    `memory_report` of the model afterwards. Also at `model.quant_report` after the call."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, int | float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        saved = self.memory.get("fp32_bytes", 0) - self.memory.get("base_bytes", 0)
+        line = f"quantized {len(self.quantized)} layers to NF4, {saved / 2**20:.2f} MiB saved"
+        if self.kept:
+            line += f"; kept in full precision (NF4 error over the bound): {', '.join(self.kept)}"
+        return line
+
+
+def _quantize_layer(module: nn.Module, weight: torch.Tensor, compute_dtype, double_quant, blocksize) -> nn.Module:
+    """A bitsandbytes Linear4bit computing `module` from `weight` (out, in). Tests replace it."""
+    bnb = _bnb()
+    out_features, in_features = weight.shape
+    quantized = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=module.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        weight.contiguous().clone(),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        blocksize=blocksize,
+    )
+    if module.bias is not None:
+        quantized.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    # bitsandbytes' bf16-packed CPU inference path (AVX512-BF16 machines only) computes in
+    # bf16; keep the fp32 maths this module promises, identical in training and inference.
+    quantized.support_avx512bf16_for_cpu = False
+    return quantized.to(weight.device)  # moving a Params4bit to a device quantises it
+
+
+def nf4_error_ratio(weight: torch.Tensor, dequantized: torch.Tensor, blocksize: int, double_quant: bool) -> float:
+    """Worst ratio, over NF4 blocks of the flattened weight, of max |error| to the allowed error
+    (see NF4_HALF_GAP above): <= 1 for a healthy quantisation."""
+    w = weight.detach().float().flatten()
+    err = (dequantized.detach().float().flatten() - w).abs()
+    pad = (-w.numel()) % blocksize
+    block_err = F.pad(err, (0, pad)).view(-1, blocksize).amax(1)
+    block_max = F.pad(w.abs(), (0, pad)).view(-1, blocksize).amax(1)
+    rounding = torch.finfo(weight.dtype).eps if weight.dtype.is_floating_point else 0.0
+    allowance = DOUBLE_QUANT_ALLOWANCE if double_quant else 1e-6
+    allowed = (NF4_HALF_GAP + rounding) * block_max + allowance * block_max.max() + 1e-30
+    return float((block_err / allowed).max())
+
+
 def quantize_model(
     model: nn.Module,
     targets: list[str] | str = "all-linear",
@@ -67,12 +150,16 @@ def quantize_model(
     `targets` selects modules as LoraConfig.target_modules does ("all-linear" leaves the output
     head / classifier alone); `keep` names modules left in full precision (e.g. the adapter's
     modules_to_save, which train in full). Embeddings and layer norms are never quantized.
+    Each new layer's dequantised weight is checked against the original, block by block
+    (`nf4_error_ratio`); a layer over the bound keeps its original full-precision module. The
+    outcome (a QuantReport) is logged as one line and stored as `model.quant_report`.
     Call it before `lorakit.inject`. Returns the model.
     """
-    bnb = _bnb()
+    _bnb()
     if lora_layers(model):
         raise UsageError("quantize_model must run before lorakit.inject: quantize the plain base, then add adapters")
     found = find_targets(model, LoraConfig(target_modules=targets, modules_to_save=keep or None))
+    report = QuantReport()
     for name, module in found:
         if is_quantized(module) or not isinstance(module, nn.Linear | Conv1D):
             continue
@@ -80,33 +167,18 @@ def quantize_model(
         fingerprint = fingerprint_sample(weight)  # of the full-precision weight, as the fp32 model has it
         # Conv1D stores (in, out) and computes x @ W: Linear4bit with W^T computes the same.
         weight = weight.t() if isinstance(module, Conv1D) else weight
-        out_features, in_features = weight.shape
-        quantized = bnb.nn.Linear4bit(
-            in_features,
-            out_features,
-            bias=module.bias is not None,
-            compute_dtype=compute_dtype,
-            compress_statistics=double_quant,
-            quant_type="nf4",
-            quant_storage=torch.uint8,
-            device="meta",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            weight.contiguous().clone(),
-            requires_grad=False,
-            quant_type="nf4",
-            compress_statistics=double_quant,
-            blocksize=blocksize,
-        )
-        if module.bias is not None:
-            quantized.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        # bitsandbytes' bf16-packed CPU inference path (AVX512-BF16 machines only) computes in
-        # bf16; keep the fp32 maths this module promises, identical in training and inference.
-        quantized.support_avx512bf16_for_cpu = False
-        quantized = quantized.to(weight.device)  # moving a Params4bit to a device quantises it
+        quantized = _quantize_layer(module, weight, compute_dtype, double_quant, blocksize)
+        ratio = nf4_error_ratio(weight, dequantize_weight(quantized), blocksize, double_quant)
+        if ratio > 1:  # a bad quantisation: the original module stays
+            report.kept[name] = ratio
+            continue
         quantized.train(module.training)
         setattr(quantized, FINGERPRINT_ATTR, fingerprint)
         model.set_submodule(name, quantized)
+        report.quantized.append(name)
+    report.memory = memory_report(model)
+    (logger.warning if report.kept else logger.info)("%s", report.summary())
+    model.quant_report = report
     return model
 
 
