@@ -96,7 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint"
     )
-    run.add_argument("--overwrite", action="store_true", default=None, help="replace a finished run in --out")
+    run.add_argument(
+        "--overwrite", action="store_true", default=None, help="redo the run in --out (old outputs stay until replaced)"
+    )
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 

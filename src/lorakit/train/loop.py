@@ -191,6 +191,47 @@ class Trainer:
         book.update(state["book"])
         return start
 
+    def _accumulate(self, wrapped: nn.Module, micro: list[list[int]], pad: int, total_weight: float, scaler) -> Any:
+        """Forward and backward every micro-batch of one optimizer step; this process's summed loss."""
+        d = self.dist
+        local_loss: Any = 0.0
+        for j, batch_ids in enumerate(micro):
+            local, scale = shard(batch_ids, d.rank, d.world), 1.0
+            if not local:  # a short last batch: join DDP's all-reduce with a zero contribution
+                local, scale = batch_ids[:1], 0.0
+            batch = collate([self.train_data.examples[i] for i in local], pad, d.device)
+            sync = d.world == 1 or j == len(micro) - 1
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                with torch.autocast(d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    logits = forward_logits(wrapped, batch)
+                summed = loss_sum(logits, batch["labels"]) * scale
+                loss = summed * (d.world / total_weight)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            local_loss += summed.detach().double()  # no device sync per micro-batch; read once by the caller
+        return local_loss
+
+    def _wrapped(self) -> nn.Module:
+        """The model as the steps call it: compiled (--compile), in DDP with several processes."""
+        d, wrapped = self.dist, self.model
+        if self.config.compile:
+            wrapped = torch.compile(wrapped, dynamic=True)
+        if d.world > 1:
+            ids = [d.local_rank] if d.device.type == "cuda" else None
+            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        return wrapped
+
+    def _optimizer_step(self, optimizer, scaler, params: list[nn.Parameter]) -> None:
+        """Unscale (fp16), clip and step."""
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train, evaluate, save; returns the summary (also written to DIR/summary.json)."""
@@ -219,12 +260,7 @@ class Trainer:
         d.barrier()
         log = MetricsLog(self.out / "metrics.jsonl", keep_until_step=start) if d.main else None
 
-        wrapped: nn.Module = self.model
-        if c.compile:
-            wrapped = torch.compile(wrapped, dynamic=True)
-        if d.world > 1:
-            ids = [d.local_rank] if d.device.type == "cuda" else None
-            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        wrapped = self._wrapped()
         metric, higher = BEST_METRIC[c.task]
         pad = pad_id_of(self.tokenizer)
         weights = [e.weight for e in self.train_data.examples]
@@ -239,29 +275,8 @@ class Trainer:
             tick = time.perf_counter()
             micro = self._micro_batches(step)
             total_weight = sum(weights[i] for batch in micro for i in batch)
-            local_loss: Any = 0.0
-            for j, batch_ids in enumerate(micro):
-                local, scale = shard(batch_ids, d.rank, d.world), 1.0
-                if not local:  # a short last batch: join DDP's all-reduce with a zero contribution
-                    local, scale = batch_ids[:1], 0.0
-                batch = collate([self.train_data.examples[i] for i in local], pad, d.device)
-                sync = d.world == 1 or j == len(micro) - 1
-                with contextlib.nullcontext() if sync else wrapped.no_sync():
-                    with torch.autocast(d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                        logits = forward_logits(wrapped, batch)
-                    summed = loss_sum(logits, batch["labels"]) * scale
-                    loss = summed * (d.world / total_weight)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                local_loss += summed.detach().double()  # no device sync per micro-batch; read once below
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if c.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            local_loss = self._accumulate(wrapped, micro, pad, total_weight, scaler)
+            self._optimizer_step(optimizer, scaler, params)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
