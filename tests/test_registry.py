@@ -205,3 +205,33 @@ def test_concurrent_loads_never_show_a_half_loaded_adapter(base, folders, expect
     thread.join()
     assert not errors, errors
     assert multi.free_slots() >= 1
+
+
+def test_re_registering_a_name_mid_stream_keeps_the_running_request_on_its_version(base, folders):
+    """A greedy stream on "positive" with "positive" re-registered from another folder halfway
+    equals positive's own reference token for token; a request after it gets the new adapter."""
+    import time
+
+    from test_engine import make_tokenizer
+
+    from lorakit.serve.engine import Engine, SamplingParams
+
+    multi = MultiLoraModel(copy.deepcopy(base), slots=4, max_rank=16)
+    registry = AdapterRegistry(multi)
+    registry.register("positive", folders["a"])
+    registry.register("negative", folders["b"])
+    multi.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))  # a step long enough to land mid-stream
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt = [5, 17, 42]
+    with Engine(multi, make_tokenizer(), registry=registry) as engine:
+        want = {n: engine.generate(prompt, n, params).token_ids for n in ("positive", "negative")}
+        assert want["positive"] != want["negative"]
+        running = engine.submit(prompt, "positive", params)
+        while len(running.output_ids) < 5:
+            time.sleep(0.001)
+        registry.register("positive", folders["b"])  # what POST /v1/adapters {"name": "positive", ...} does
+        assert running.completion is None, "the stream ended before the re-registration: the test proves nothing"
+        later = engine.generate(prompt, "positive", params)
+        assert running.result().token_ids == want["positive"]
+        assert later.token_ids == want["negative"]
+    assert registry.pinned() == {} and multi.free_slots() == 2  # the old version's slot was freed at its end

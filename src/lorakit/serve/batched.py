@@ -119,6 +119,7 @@ class MultiLoraModel:
         self._free = list(range(slots - 1, -1, -1))
         self._refs: Counter[int] = Counter()  # slot -> number of running batches using it
         self._retired: set[int] = set()  # replaced/unloaded slots waiting for their batches
+        self._held: Counter[int] = Counter()  # slot -> hold() count (also counted in _refs)
         self._handles = [
             t.module.register_forward_hook(self._lora_hook(t), with_kwargs=True) for t in self.targets.values()
         ]
@@ -165,20 +166,16 @@ class MultiLoraModel:
         return hook
 
     @contextmanager
-    def use(self, adapters: Sequence[str | None]) -> Iterator[None]:
+    def use(self, adapters: Sequence[str | int | None]) -> Iterator[None]:
         """Within the block, batch row i of every forward uses adapter `adapters[i]` (None: the base).
 
         A batch whose size is a multiple k of len(adapters) (generate's num_return_sequences)
-        repeats each entry k times, as Hugging Face expands rows. Names unknown here raise
-        UnknownAdapterError before anything runs.
+        repeats each entry k times, as Hugging Face expands rows. An entry may also be a handle
+        from `hold()`: that adapter version, even if its name was replaced since. Names unknown
+        here raise UnknownAdapterError before anything runs.
         """
         with self._lock:
-            unknown = [a for a in adapters if a is not None and a not in self._slot_of]
-            if unknown:
-                raise UnknownAdapterError(
-                    f"adapter(s) {sorted(set(unknown))} not loaded; loaded: {sorted(self._slot_of) or 'none'}"
-                )
-            slots = [self.base_slot if a is None else self._slot_of[a] for a in adapters]
+            slots = [self._slot_for(a) for a in adapters]
             self._refs.update(slots)
         on_base = all(s == self.base_slot for s in slots)
         device = next(iter(self.targets.values())).module.lorakit_multi_A.device
@@ -193,6 +190,31 @@ class MultiLoraModel:
                 for slot in set(slots) & self._retired:
                     if self._refs[slot] <= 0:
                         self._release(slot)
+
+    def hold(self, name: str) -> int:
+        """Keep the slot `name` has now for one long-lived user (a request spanning many forwards).
+
+        Returns a handle for `use()` and `release()`: it names this version of the adapter, so
+        replacing or unloading `name` meanwhile changes nothing for the holder, whose slot is
+        reused only after every hold on it is released.
+        """
+        with self._lock:
+            if name not in self._slot_of:
+                raise UnknownAdapterError(f"adapter {name!r} not loaded; loaded: {sorted(self._slot_of) or 'none'}")
+            slot = self._slot_of[name]
+            self._held[slot] += 1
+            self._refs[slot] += 1
+            return slot
+
+    def release(self, handle: int) -> None:
+        """Give back one `hold()`; a replaced or unloaded slot is freed with its last reference."""
+        with self._lock:
+            if self._held[handle] <= 0:
+                raise AdapterError(f"adapter handle {handle!r} is not held; every release needs a hold")
+            self._held[handle] -= 1
+            self._refs[handle] -= 1
+            if handle in self._retired and self._refs[handle] <= 0:
+                self._release(handle)
 
     # --- loading ------------------------------------------------------------------------------
     def prepare(self, path: str | Path, *, force: bool = False) -> AdapterPlan:
@@ -371,6 +393,17 @@ class MultiLoraModel:
                 head.module.lorakit_multi_W[slot].copy_(params.get("weight", head.module.lorakit_multi_W[base]))
                 if head.module.lorakit_multi_b is not None:
                     head.module.lorakit_multi_b[slot].copy_(params.get("bias", head.module.lorakit_multi_b[base]))
+
+    def _slot_for(self, adapter: str | int | None) -> int:  # holds self._lock
+        if adapter is None:
+            return self.base_slot
+        if isinstance(adapter, int) and not isinstance(adapter, bool):
+            if self._held[adapter] <= 0:  # a stale handle's slot may hold another adapter by now
+                raise UnknownAdapterError(f"adapter handle {adapter} is not held: take one with hold()")
+            return adapter
+        if adapter not in self._slot_of:
+            raise UnknownAdapterError(f"adapter {adapter!r} not loaded; loaded: {sorted(self._slot_of) or 'none'}")
+        return self._slot_of[adapter]
 
     def _retire(self, slot: int) -> None:  # holds self._lock
         if self._refs[slot] > 0:

@@ -169,9 +169,11 @@ class Engine:
             )
         if not self.alive:
             raise RuntimeError("the engine is not running: call start() first")
-        if self.registry is not None:
-            self.registry.pin(adapter)  # loads it now if evicted; unpinned when the request ends
+        key = adapter
+        if self.registry is not None:  # loads it now if evicted; unpinned when the request ends
+            key = self.registry.pin(adapter)  # this version serves the whole request, even if re-registered
         request = GenerationRequest(ids, adapter, params, loop)
+        request.adapter_key = key  # what use() gets for this row: the pinned version, not the name
         self._inbox.put(request)
         return request
 
@@ -293,7 +295,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         logits, cache = self._forward(
-            [r.adapter for r in requests], input_ids=ids, attention_mask=mask, position_ids=positions
+            [r.adapter_key for r in requests], input_ids=ids, attention_mask=mask, position_ids=positions
         )
         zero_padding(cache, mask)  # padded slots may hold NaN from fully-masked queries; keep them inert
         rows = []
@@ -310,7 +312,7 @@ class Engine:
     def _decode(self) -> None:
         batch = self._batch
         ids, mask, positions = batch.decode_inputs()
-        adapters = [row.request.adapter for row in batch.rows]
+        adapters = [row.request.adapter_key for row in batch.rows]
         logits, batch.cache = self._forward(
             adapters, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache
         )
@@ -384,7 +386,7 @@ class Engine:
             request._emitted = len(text)
         if self.registry is not None:
             try:
-                self.registry.unpin(request.adapter)
+                self.registry.unpin(request.adapter_key)
             except Exception:  # the adapter may have been removed meanwhile; nothing left to release
                 log.debug("unpin %r failed", request.adapter, exc_info=True)
         request._finish(Completion(text, list(request.output_ids), reason, len(request.prompt_ids), error))

@@ -3,24 +3,34 @@
 Known adapters are validated folders; at most `max_resident` of them occupy slots of the
 MultiLoraModel at once. `pin(name)` (one per running request) makes an adapter resident,
 loading it on demand and evicting the least recently used unpinned one; `unpin` releases
-it. HTTP threads call register/remove/pin/unpin while an engine thread runs forwards.
+it. The handle `pin` returns names the adapter version the request was admitted with: a
+re-registration under the same name serves only later requests. HTTP threads call
+register/remove/pin/unpin while an engine thread runs forwards.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from lorakit.io import AdapterError
-from lorakit.serve.batched import MultiLoraModel, NoFreeSlotError, UnknownAdapterError
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.serve.batched import AdapterPlan, MultiLoraModel, NoFreeSlotError, UnknownAdapterError
+
+log = logging.getLogger(__name__)
+MAX_NAME = 128  # adapter names travel in URLs and logs
+# The files read_adapter opens (and the .bin it probes for a hint): each must resolve inside the root.
+LOADER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
 
 
 class AdapterRegistry:
     """Adapters by name over one MultiLoraModel, with a bound on resident ones (LRU eviction).
 
-    With `root` set, every registered path must lie under it (after resolving symlinks and
-    `..`): a server that accepts paths from clients exposes only that folder.
+    With `root` set, every registered path, and every file the loader opens in it, must lie
+    under it (after resolving symlinks and `..`), checked again on each reload: a server that
+    accepts paths from clients exposes only that folder. Adapters registered `trusted` (the
+    operator's own, from the command line) are exempt from the root, never from validation.
     """
 
     def __init__(self, multi: MultiLoraModel, *, max_resident: int | None = None, root: str | Path | None = None):
@@ -34,39 +44,56 @@ class AdapterRegistry:
         self._paths: dict[str, Path] = {}  # known name -> folder
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._pins: Counter[str] = Counter()
+        self._holds: dict[str, list[int]] = {}  # name -> MultiLoraModel.hold handles of its pins
+        self._trusted: set[str] = set()  # names exempt from the root (operator-given)
         self._removing: set[str] = set()  # removed while pinned: unloaded at the last unpin
 
-    def _check_path(self, path: str | Path) -> Path:
+    def _check_path(self, path: str | Path, trusted: bool = False) -> Path:
         folder = Path(path)
-        if self.root is None:
+        if self.root is None or trusted:
             return folder
         resolved = (folder if folder.is_absolute() else self.root / folder).resolve()
-        if not resolved.is_relative_to(self.root):
-            raise AdapterError(f"{path} is outside the adapter root {self.root}; put the adapter folder under it")
+        self._inside_root(resolved, path)
+        for file in LOADER_FILES:  # a file symlink can leave the root even when the folder does not
+            if (resolved / file).is_symlink() or (resolved / file).exists():
+                self._inside_root((resolved / file).resolve(), f"{path}/{file}")
         return resolved
 
-    def register(self, name: str, path: str | Path, *, load_now: bool = True) -> None:
+    def _inside_root(self, resolved: Path, shown: str | Path) -> None:
+        if not resolved.is_relative_to(self.root):
+            raise AdapterError(f"{shown} is outside the adapter root {self.root}; put the adapter folder under it")
+
+    def _prepare(self, folder: Path, trusted: bool) -> AdapterPlan:
+        """Root checks and full validation, before every load: on register and on each reload."""
+        folder = self._check_path(folder, trusted)
+        if self.root is None or trusted:  # the operator's own folder: the full details help
+            return self.multi.prepare(folder)
+        try:
+            return self.multi.prepare(folder)
+        except AdapterError as err:  # a client-given folder: say what is wrong, never quote its files
+            raise AdapterError(_without_contents(err, folder)) from None
+
+    def register(self, name: str, path: str | Path, *, load_now: bool = True, trusted: bool = False) -> None:
         """Make adapter `name` known from folder `path` (validated now, against the model).
 
         With `load_now` it is also made resident (evicting the least recently used unpinned
         adapter when at the bound). The same name and path again does nothing; a new path
-        replaces the adapter once the new folder has passed validation.
+        replaces the adapter once the new folder has passed validation, for requests pinned
+        after that (running ones keep the version they pinned). `trusted` exempts the folder
+        from the root (for the operator's own adapters, never for client-given paths).
         """
-        if not isinstance(name, str) or not name:
-            raise AdapterError(f"adapter name {name!r}: give a non-empty string")
-        folder = self._check_path(path)
+        _check_name(name)
+        folder = self._check_path(path, trusted)
         with self._lock:
-            if name in self._removing:
-                raise AdapterError(f"adapter {name!r} is being removed (requests still use it); retry shortly")
+            self._check_not_removing(name)
             if self._paths.get(name) == folder:
                 if load_now and name not in self._lru:
                     self._make_resident(name)
                 return
-        plan = self.multi.prepare(folder)  # reads and checks files without the lock: pins go on meanwhile
+        plan = self._prepare(folder, trusted)  # reads files without the lock: pins go on meanwhile
         with self._lock:
-            if name in self._removing:
-                raise AdapterError(f"adapter {name!r} is being removed (requests still use it); retry shortly")
-            if name in self._lru:  # replace in place: the engine never sees the name missing
+            self._check_not_removing(name)
+            if name in self._lru:  # replace: the new slot is published, held old slots stay until released
                 self._evict_for_one(keep=name, bound=len(self._lru) + 1)  # the new copy needs a slot first
                 self.multi.load_plan(name, plan)
                 self._lru.move_to_end(name)
@@ -75,6 +102,7 @@ class AdapterRegistry:
                 self.multi.load_plan(name, plan)
                 self._lru[name] = None
             self._paths[name] = folder
+            (self._trusted.add if trusted else self._trusted.discard)(name)
 
     def remove(self, name: str) -> None:
         """Forget adapter `name`; running requests that pinned it finish on it first."""
@@ -101,28 +129,36 @@ class AdapterRegistry:
             self._check_known(name)
             return self._paths[name]
 
-    def pin(self, name: str | None) -> None:
+    def pin(self, name: str | None) -> int | None:
         """Hold adapter `name` resident for one request (None, the base, needs nothing).
 
         Loads it on demand, evicting the least recently used unpinned adapter; raises
-        NoFreeSlotError when every resident adapter is pinned. Pins are counted.
+        NoFreeSlotError when every resident adapter is pinned. Pins are counted. Returns the
+        handle to give `MultiLoraModel.use` and `unpin`: the version of `name` registered now,
+        kept for this request even if `name` is re-registered or removed before it ends.
         """
         if name is None:
-            return
+            return None
         with self._lock:
             self._check_known(name)
             if name not in self._lru:
                 self._make_resident(name)
             self._lru.move_to_end(name)
+            handle = self.multi.hold(name)
+            self._holds.setdefault(name, []).append(handle)
             self._pins[name] += 1
+            return handle
 
-    def unpin(self, name: str | None) -> None:
-        """Release one pin of `name` taken with `pin`."""
-        if name is None:
+    def unpin(self, pinned: int | str | None) -> None:
+        """Release one pin taken with `pin`: give its handle (or the adapter's name)."""
+        if pinned is None:
             return
         with self._lock:
-            if self._pins[name] <= 0:
-                raise AdapterError(f"adapter {name!r} is not pinned; every unpin needs a pin")
+            name, handle = self._find_pin(pinned)
+            self._holds[name].remove(handle)
+            if not self._holds[name]:
+                del self._holds[name]
+            self.multi.release(handle)
             self._pins[name] -= 1
             if self._pins[name] == 0:
                 del self._pins[name]
@@ -139,9 +175,26 @@ class AdapterRegistry:
         if name not in self._paths or name in self._removing:
             raise UnknownAdapterError(f"adapter {name!r} is not registered; known: {self.known() or 'none'}")
 
+    def _check_not_removing(self, name: str) -> None:
+        if name in self._removing:
+            raise AdapterError(f"adapter {name!r} is being removed (requests still use it); retry shortly")
+
+    def _find_pin(self, pinned: int | str) -> tuple[str, int]:
+        """(name, handle) of one pin: a handle names its own; a name means its newest pin."""
+        if isinstance(pinned, str):
+            if not self._holds.get(pinned):
+                raise AdapterError(f"adapter {pinned!r} is not pinned; every unpin needs a pin")
+            return pinned, self._holds[pinned][-1]
+        for name, handles in self._holds.items():
+            if pinned in handles:
+                return name, pinned
+        raise AdapterError(f"adapter handle {pinned!r} is not pinned; every unpin needs a pin")
+
     def _make_resident(self, name: str) -> None:
+        # checked again: the folder (or a link in it) may have changed since it was registered
+        plan = self._prepare(self._paths[name], name in self._trusted)
         self._evict_for_one()
-        self.multi.load(name, self._paths[name])
+        self.multi.load_plan(name, plan)
         self._lru[name] = None
 
     def _evict_for_one(self, keep: str | None = None, bound: int | None = None) -> None:
@@ -160,7 +213,38 @@ class AdapterRegistry:
 
     def _drop(self, name: str) -> None:
         self._removing.discard(name)
+        self._trusted.discard(name)
         del self._paths[name]
         if name in self._lru:
             del self._lru[name]
             self.multi.unload(name)
+
+
+def _check_name(name: object) -> None:
+    """Names become URL path parts, log words and model ids: refuse what cannot be one."""
+    if not isinstance(name, str) or not name:
+        raise AdapterError(f"adapter name {name!r}: give a non-empty string")
+    if name in (".", "..") or len(name) > MAX_NAME or not name.isprintable() or any(c in name for c in "/\\"):
+        raise AdapterError(
+            f"adapter name {name[:MAX_NAME]!r}: use at most {MAX_NAME} printable characters, "
+            "no slashes, and not '.' or '..'"
+        )
+
+
+def _without_contents(err: AdapterError, folder: Path) -> str:
+    """The client's error for a refused folder: what is wrong and where, never a value read from its files.
+
+    The loader's messages quote config values, key names and fingerprints, which a link inside the
+    root could make anything readable by the server; the operator gets the full text in the log.
+    """
+    log.warning("adapter folder %s refused: %s", folder, err)
+    text = str(err)
+    if text.startswith(f"{folder}: ") and ("is missing" in text or "no such adapter folder" in text):
+        return text  # absent files: nothing was read
+    if text.startswith(str(folder / CONFIG_NAME)):
+        what = f"its {CONFIG_NAME} is not a valid LoRA adapter config"
+    elif text.startswith(str(folder / WEIGHTS_NAME)):
+        what = f"its {WEIGHTS_NAME} is not a readable safetensors file (truncated or corrupt)"
+    else:
+        what = "its weights do not fit this model (targets, shapes, ranks, DoRA or base fingerprint)"
+    return f"{folder} cannot be served here: {what}; the server log has the details"
