@@ -235,3 +235,46 @@ def test_re_registering_a_name_mid_stream_keeps_the_running_request_on_its_versi
         assert running.result().token_ids == want["positive"]
         assert later.token_ids == want["negative"]
     assert registry.pinned() == {} and multi.free_slots() == 2  # the old version's slot was freed at its end
+
+
+def test_root_checks_every_loader_file_on_every_load_and_never_quotes_files(base, folders, tmp_path):
+    root = tmp_path / "root"
+    make_adapter(base, root / "ok", 3)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"r": "SECRET-TOKEN"}))
+    weights_out = root / "weights_out"
+    weights_out.mkdir()
+    (weights_out / CONFIG_NAME).write_bytes((root / "ok" / CONFIG_NAME).read_bytes())
+    (weights_out / WEIGHTS_NAME).symlink_to(f"{folders['a']}/{WEIGHTS_NAME}")  # a file link out of the root
+    config_out = root / "config_out"
+    config_out.mkdir()
+    (config_out / CONFIG_NAME).symlink_to(secret)
+    (config_out / WEIGHTS_NAME).write_bytes((root / "ok" / WEIGHTS_NAME).read_bytes())
+    inside = root / "inside_link"  # a link that stays in the root still reaches the loader's checks
+    inside.mkdir()
+    (inside / CONFIG_NAME).symlink_to(root / "secret.json")
+    (root / "secret.json").write_text(json.dumps({"r": "SECRET-TOKEN"}))
+    (inside / WEIGHTS_NAME).write_bytes((root / "ok" / WEIGHTS_NAME).read_bytes())
+    registry = AdapterRegistry(MultiLoraModel(copy.deepcopy(base), slots=2, max_rank=16), max_resident=1, root=root)
+    for folder in (weights_out, config_out):
+        with pytest.raises(AdapterError, match="outside the adapter root") as info:
+            registry.register("bad", folder)
+        assert "SECRET" not in str(info.value)
+    with pytest.raises(AdapterError, match="not a valid LoRA adapter config") as info:
+        registry.register("bad", inside)
+    assert "SECRET" not in str(info.value)
+    registry.register("ok", "ok")
+    registry.register("other", folders["a"], trusted=True)  # the operator's own: outside the root is fine
+    assert registry.resident() == ["other"]  # "ok" was evicted
+    (root / "ok" / WEIGHTS_NAME).unlink()
+    (root / "ok" / WEIGHTS_NAME).symlink_to(f"{folders['a']}/{WEIGHTS_NAME}")  # swapped while evicted
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        registry.pin("ok")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "a\x00b", "x" * 129, 3])
+def test_bad_adapter_names_are_refused(base, folders, name):
+    registry = AdapterRegistry(MultiLoraModel(copy.deepcopy(base), slots=1, max_rank=16))
+    with pytest.raises(AdapterError, match="adapter name"):
+        registry.register(name, folders["a"])
+    assert registry.known() == []
