@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve (repeatable)"
     )
-    parser.add_argument("--adapter-root", help="folder under which POST /v1/adapters may load adapters")
+    parser.add_argument(
+        "--adapter-root", help="folder under which POST /v1/adapters may load adapters (--adapter ones: anywhere)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-keys", help="JSON or TOML file: API key -> list of models it may use ('*': all)")
@@ -52,7 +54,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
         elif not Path(folder).is_dir():
             problems.append(f"adapter folder {folder!r} (for {name}) does not exist")
         else:
-            adapters[name] = Path(folder)
+            adapters[name] = Path(folder).resolve()  # resolved once, against the working folder
     if problems:
         raise UsageError("--adapter: " + "; ".join(problems))
     return adapters
@@ -111,8 +113,10 @@ def build_app(args: argparse.Namespace):
     base_name = args.base_name or Path(model_path).name
     if base_name in adapters:
         raise UsageError(f"adapter name {base_name!r} is the base model's name: rename it or set --base-name")
-    for i, (name, folder) in enumerate(adapters.items()):  # beyond --max-resident: loaded on first use
-        registry.register(name, folder, load_now=args.max_resident is None or i < args.max_resident)
+    # The operator's own adapters (--adapter, or the shipped ones) are trusted: --adapter-root bounds
+    # only the folders clients name in POST /v1/adapters. Beyond --max-resident: loaded on first use.
+    for i, (name, folder) in enumerate(adapters.items()):
+        registry.register(name, folder, load_now=args.max_resident is None or i < args.max_resident, trusted=True)
     app = create_app(
         multi,
         tokenizer,
