@@ -144,7 +144,8 @@ def _from_pretrained(path: Path, task: str, config: Any) -> nn.Module:
     try:
         # A fixed seed: a head the adapter does not cover is initialised the same way every run.
         torch.manual_seed(0)
-        return cls.from_pretrained(path, config=config)
+        # safetensors only: a pytorch_model.bin is a pickle, and nothing lorakit reads is unpickled.
+        return cls.from_pretrained(path, config=config, use_safetensors=True)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load {path} as a {task} model: {first}") from None

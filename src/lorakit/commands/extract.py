@@ -64,7 +64,8 @@ def load_pretrained(path: str, role: str):
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or transformers.AutoModel
     try:
-        return cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+        # safetensors only: a pytorch_model.bin is a pickle, and nothing lorakit reads is unpickled.
+        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
     except (OSError, ValueError) as err:
         raise DataError(f"--{role} {path}: cannot load the model ({str(err).splitlines()[0]})") from None
 

@@ -105,7 +105,8 @@ def build_app(args: argparse.Namespace):
     config = AutoConfig.from_pretrained(model_path)
     classifier = any("ForSequenceClassification" in a for a in (config.architectures or []))
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path).to(torch.device(args.device)).eval()
+    model = auto.from_pretrained(model_path, use_safetensors=True)  # safetensors only: a .bin is a pickle
+    model = model.to(torch.device(args.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     slots = max(16, args.max_resident or 0, len(adapters))
     multi = MultiLoraModel(model, slots=slots, max_rank=args.max_rank)

@@ -93,8 +93,9 @@ def load_model(path: Path, task: str, labels: list[str] | None = None, model_dro
         config.label2id = {name: i for i, name in enumerate(labels)}
         if getattr(config, "pad_token_id", None) is None:  # decoder classifiers find the last real token by it
             config.pad_token_id = getattr(config, "eos_token_id", None) or 0
-        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config)
-    return AutoModelForCausalLM.from_pretrained(str(path), config=config)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, use_safetensors=True)
+    # safetensors only: a pytorch_model.bin is a pickle, and nothing lorakit reads is unpickled.
+    return AutoModelForCausalLM.from_pretrained(str(path), config=config, use_safetensors=True)
 
 
 def head_names(model: nn.Module) -> list[str]:
