@@ -26,7 +26,7 @@ from transformers import (
 )
 
 import lorakit
-from lorakit import functional as LF
+from lorakit.core import functional as LF
 
 MODELS = {
     "bert": (

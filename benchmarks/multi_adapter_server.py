@@ -36,8 +36,8 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lorakit import LoraConfig, inject
-from lorakit.atomic import replace_file
-from lorakit.io import save_adapter
+from lorakit.files.atomic import replace_file
+from lorakit.files.peft_format import save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.app import create_app, serve_in_background
 

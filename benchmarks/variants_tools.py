@@ -7,7 +7,7 @@
 bench_qlora: MiniLM as a sequence classifier, batch 32 x 64 tokens, LoRA r=8 on every linear
 layer (the head trains in full), AdamW. One training step (forward, backward, optimizer) per
 variant per round, variants in a rotating order, medians over rounds: lorakit fp32, PEFT fp32,
-lorakit over the NF4 base (lorakit.quant), PEFT over the same NF4 base, and the plain fp32 base
+lorakit over the NF4 base (lorakit.variants.qlora), PEFT over the same NF4 base, and the plain fp32 base
 model's forward + backward with nothing trainable but the head (a floor). Base memory: bytes of
 the base parameters as stored (NF4 codes + quantisation state) against fp32.
 
@@ -87,7 +87,7 @@ def bench_qlora(repeats: int = 5, batch: int = 32, seq_len: int = 64, device: st
     """Training-step time and base memory of LoRA over an NF4 base against fp32 LoRA."""
     import peft
 
-    from lorakit import quant
+    from lorakit.variants import qlora as quant
 
     offline()
     gen = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def bench_extract(ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128), steps:
     """Extraction error vs rank on a small BERT fully fine-tuned on SST-2 sentences."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lorakit.extract import extract_adapter
+    from lorakit.tools.extract import extract_adapter
 
     torch.manual_seed(0)
     config = BertConfig(

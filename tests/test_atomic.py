@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit import atomic
+from lorakit.files import atomic
 
 
 class Crash(BaseException):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import lorakit
-from lorakit.io import CONFIG_NAME, AdapterError
+from lorakit.files.peft_format import CONFIG_NAME, AdapterError
 from lorakit.serve import MultiLoraModel, NoFreeSlotError, UnknownAdapterError
 
 TOL = 1e-5

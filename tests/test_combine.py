@@ -12,9 +12,9 @@ import torch
 
 import lorakit
 from lorakit.cli import main
-from lorakit.combine import combine, combine_adapters
+from lorakit.core.inject import lora_layers
 from lorakit.errors import UsageError
-from lorakit.inject import lora_layers
+from lorakit.tools.combine import combine, combine_adapters
 
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(5))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from lorakit.demo import CHECK_TOLERANCE, demo_data_path, run_demo
+from lorakit.end_to_end_demo import CHECK_TOLERANCE, demo_data_path, run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,8 @@ from test_train_fixtures import bert_dir, cls_files  # noqa: F401
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.layers import LoraLinear, dora
+from lorakit.core.layers import LoraLinear
+from lorakit.variants import dora
 
 TOL = 1e-5
 BUILDERS = {"bert": tiny.bert, "gpt2": tiny.gpt2, "llama": tiny.llama}

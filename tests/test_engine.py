@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lorakit import LoraConfig, inject
-from lorakit.adapters import merge_and_unload
-from lorakit.io import load_adapter, save_adapter
+from lorakit.core.adapters import merge_and_unload
+from lorakit.files.peft_format import load_adapter, save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.engine import Engine, RequestError, SamplingParams
 

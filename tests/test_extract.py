@@ -12,9 +12,9 @@ import torch
 
 import lorakit
 from lorakit.cli import main
+from lorakit.core.inject import adapter_configs, lora_layers
 from lorakit.errors import DataError, UsageError
-from lorakit.extract import delta_error, extract_adapter, low_rank_factors
-from lorakit.inject import adapter_configs, lora_layers
+from lorakit.tools.extract import delta_error, extract_adapter, low_rank_factors
 
 IDS = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(3))
 

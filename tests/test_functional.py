@@ -1,11 +1,11 @@
-"""The pure maths in lorakit.functional against autograd and the dense definitions."""
+"""The pure maths in lorakit.core.functional against autograd and the dense definitions."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit import functional as LF
-from lorakit.layers import LoraLinear
+from lorakit.core import functional as LF
+from lorakit.core.layers import LoraLinear
 
 
 def test_merged_lora_linear_gradcheck():

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from transformers import BertForSequenceClassification, GPT2LMHeadModel
 
 import lorakit
-import lorakit.atomic
-import lorakit.io
-from lorakit.inject import CONFIGS_ATTR
+import lorakit.files.atomic
+import lorakit.files.peft_format
+from lorakit.core.inject import CONFIGS_ATTR
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 QUERY_A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
@@ -363,7 +363,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     first = with_adapter(bert())
     lorakit.save_adapter(first, out)
     before = folder_bytes(out)
-    monkeypatch.setattr(lorakit.io, "save_file", _failing_save_file)
+    monkeypatch.setattr(lorakit.files.peft_format, "save_file", _failing_save_file)
 
     with pytest.raises(OSError, match="No space left on device"):
         lorakit.save_adapter(with_adapter(bert(), seed=2), out)
@@ -394,7 +394,7 @@ def test_failed_final_rename_keeps_the_previous_adapter(tmp_path, monkeypatch, s
             raise OSError(13, "Permission denied", str(a))
         return False  # a file system without RENAME_EXCHANGE: the two-rename path
 
-    monkeypatch.setattr(lorakit.atomic, "_exchange", exchange)
+    monkeypatch.setattr(lorakit.files.atomic, "_exchange", exchange)
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="Permission denied"):
         lorakit.save_adapter(with_adapter(bert(), seed=2), out)
@@ -405,7 +405,7 @@ def test_failed_final_rename_keeps_the_previous_adapter(tmp_path, monkeypatch, s
 
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(lorakit.io, "save_file", _failing_save_file)
+    monkeypatch.setattr(lorakit.files.peft_format, "save_file", _failing_save_file)
     with pytest.raises(OSError, match="No space left on device"):
         lorakit.save_adapter(with_adapter(bert()), tmp_path / "out")
     assert os.listdir(tmp_path) == []

@@ -20,7 +20,7 @@ from transformers import BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.core.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 
 R = 2
 SCALE = 0.75

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 import lorakit
-from lorakit.init import save_pissa_as_lora
-from lorakit.layers import LoraLinear
-from lorakit.layers.pissa import PissaError, pissa_factors
+from lorakit.core.layers import LoraLinear
+from lorakit.variants.pissa_convert import save_pissa_as_lora
+from lorakit.variants.pissa_init import PissaError, pissa_factors
 
 TOL = 1e-5
 BUILDERS = {"bert": tiny.bert, "gpt2": tiny.gpt2, "llama": tiny.llama}

@@ -1,4 +1,4 @@
-"""QLoRA: LoRA over a 4-bit NF4 base (lorakit.quant), checked against dense maths on the
+"""QLoRA: LoRA over a 4-bit NF4 base (lorakit.variants.qlora), checked against dense maths on the
 dequantised weights, PEFT on the same quantized base, and file round trips."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import tiny  # noqa: E402
 from test_train_fixtures import bert_dir, cls_files  # noqa: E402, F401
 
 import lorakit  # noqa: E402
-from lorakit import quant  # noqa: E402
+from lorakit.core.inject import lora_layers  # noqa: E402
 from lorakit.errors import UsageError  # noqa: E402
-from lorakit.inject import lora_layers  # noqa: E402
+from lorakit.variants import qlora as quant  # noqa: E402
 
 IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -212,7 +212,7 @@ def test_a_badly_quantized_layer_stays_full_precision_and_is_reported(monkeypatc
         return real(module, weight.flip(0) if module is target else weight, *args)
 
     monkeypatch.setattr(quant, "_quantize_layer", damaging)
-    with caplog.at_level("WARNING", logger="lorakit.quant"):
+    with caplog.at_level("WARNING", logger="lorakit.variants.qlora"):
         quant.quantize_model(model)
     report = model.quant_report
     assert list(report.kept) == ["model.layers.0.mlp.gate_proj"] and report.kept["model.layers.0.mlp.gate_proj"] > 1

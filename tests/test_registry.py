@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import lorakit
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.files.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from lorakit.serve import AdapterRegistry, MultiLoraModel, NoFreeSlotError, UnknownAdapterError
 
 TOL = 1e-5

@@ -18,8 +18,8 @@ import torch
 from test_engine import make_adapter, make_tokenizer, reference, setup
 
 from lorakit import LoraConfig, inject
-from lorakit.adapters import merge_and_unload
-from lorakit.io import load_adapter, save_adapter
+from lorakit.core.adapters import merge_and_unload
+from lorakit.files.peft_format import load_adapter, save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.app import create_app, serve_in_background
 from lorakit.serve.auth import load_api_keys

@@ -121,7 +121,7 @@ def cls_files(tmp_path_factory) -> tuple[Path, Path]:
 # the chosen point is reached the child prints KILL-ME and sleeps; the parent then sends SIGKILL.
 CHILD = r"""
 import sys, time
-from lorakit import atomic
+from lorakit.files import atomic
 from lorakit.cli import main
 from lorakit.train import loop
 

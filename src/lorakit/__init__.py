@@ -6,9 +6,7 @@ also runs code written for Microsoft's loralib. The trainer is `lorakit.train`, 
 multi-adapter engine and server `lorakit.serve` (imported on use: they pull in more).
 """
 
-from lorakit.adapters import delete_adapter, disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge
-from lorakit.combine import combine, combine_adapters
-from lorakit.compat import (
+from lorakit.compat.loralib import (
     Conv1d,
     Conv2d,
     Embedding,
@@ -17,16 +15,26 @@ from lorakit.compat import (
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
-from lorakit.config import ConfigError, LoraConfig
+from lorakit.core.adapters import (
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unload,
+    unmerge,
+)
+from lorakit.core.config import ConfigError, LoraConfig
+from lorakit.core.inject import TargetError, inject, lora_layers, parameter_report
+from lorakit.core.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.errors import DataError, LorakitError, UsageError
-from lorakit.extract import extract_adapter
-from lorakit.init import save_pissa_as_lora
-from lorakit.inject import TargetError, inject, lora_layers, parameter_report
-from lorakit.io import AdapterError, load_adapter, read_adapter, save_adapter
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
-from lorakit.layers.dora import DoraError
-from lorakit.layers.pissa import PissaError
-from lorakit.quant import dequantize_model, quantize_model
+from lorakit.files.peft_format import AdapterError, load_adapter, read_adapter, save_adapter
+from lorakit.tools.combine import combine, combine_adapters
+from lorakit.tools.extract import extract_adapter
+from lorakit.variants.dora import DoraError
+from lorakit.variants.pissa_convert import save_pissa_as_lora
+from lorakit.variants.pissa_init import PissaError
+from lorakit.variants.qlora import dequantize_model, quantize_model
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.inject import CONFIGS_ATTR
+from lorakit.core.inject import CONFIGS_ATTR
 
 SEED = 20260
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import lorakit
-from lorakit.inject import lora_layers
+from lorakit.core.inject import lora_layers
 
 CYCLES = 200
 IDS = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(5))

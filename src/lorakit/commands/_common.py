@@ -42,7 +42,7 @@ def resolve_model_path(model: str | None, task: str) -> Path:
 
 def adapter_task(adapter: str | os.PathLike) -> tuple[str | None, int | None]:
     """(task, number of labels of the saved classifier head) read from an adapter folder."""
-    from lorakit.io import read_adapter
+    from lorakit.files.peft_format import read_adapter
 
     _, tensors, _ = read_adapter(adapter)
     data = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
@@ -103,7 +103,7 @@ def load_adapted(
     from transformers import AutoConfig
 
     from lorakit.defaults import offline
-    from lorakit.io import load_adapter
+    from lorakit.files.peft_format import load_adapter
 
     offline()
     num_labels = None

@@ -45,8 +45,8 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.cli import require
-    from lorakit.combine import combine
     from lorakit.errors import UsageError
+    from lorakit.tools.combine import combine
 
     require(args, "adapters", "out")
     adapters = list(args.adapters)  # nargs="*": a list from the command line and from --config alike

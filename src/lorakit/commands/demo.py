@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and return its exit code."""
-    from lorakit.demo import run_demo
+    from lorakit.end_to_end_demo import run_demo
     from lorakit.errors import UsageError
 
     if args.steps is not None and args.steps < 1:

@@ -71,11 +71,11 @@ def load_pretrained(path: str, role: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.atomic import replace_file
     from lorakit.cli import require
     from lorakit.errors import UsageError
-    from lorakit.extract import extract_adapter
-    from lorakit.io import save_adapter
+    from lorakit.files.atomic import replace_file
+    from lorakit.files.peft_format import save_adapter
+    from lorakit.tools.extract import extract_adapter
 
     require(args, "base", "tuned", "rank", "out")
     if args.rank <= 0:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def describe(adapter: str | Path) -> dict[str, Any]:
     """Everything `lorakit inspect` shows, as a JSON-ready dict. Raises AdapterError for a
     folder that is not a readable adapter."""
-    from lorakit.io import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, read_adapter
+    from lorakit.files.peft_format import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, read_adapter
 
     folder = Path(adapter)
     config, tensors, metadata = read_adapter(folder)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorakit.atomic import recover_folder, replace_folder
 from lorakit.errors import UsageError
+from lorakit.files.atomic import recover_folder, replace_folder
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 HELP = "merge an adapter into its base model: a plain Hugging Face folder with the same outputs"
@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load base + adapter, merge, check, write atomically; print what was written."""
-    from lorakit.adapters import merge_and_unload
     from lorakit.cli import require
     from lorakit.commands._common import load_adapted
+    from lorakit.core.adapters import merge_and_unload
     from lorakit.defaults import offline
 
     require(args, "adapter", "out")

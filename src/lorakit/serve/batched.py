@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lorakit.config import LoraConfig
-from lorakit.functional import add_lora_rows
-from lorakit.inject import find_targets, walk
-from lorakit.io import FINGERPRINT_KEY, AdapterError, base_fingerprint, read_adapter
-from lorakit.layers import LoraLayer, is_linear
-from lorakit.layers.linear import linear_dims
+from lorakit.core.config import LoraConfig
+from lorakit.core.functional import add_lora_rows
+from lorakit.core.inject import find_targets, walk
+from lorakit.core.layers import LoraLayer, is_linear
+from lorakit.core.layers.linear import linear_dims
+from lorakit.files.peft_format import FINGERPRINT_KEY, AdapterError, base_fingerprint, read_adapter
 
 
 class UnknownAdapterError(AdapterError):

@@ -15,7 +15,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.files.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from lorakit.serve.batched import AdapterPlan, MultiLoraModel, NoFreeSlotError, UnknownAdapterError
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorakit.atomic import recover_folder, replace_folder
 from lorakit.errors import UsageError
+from lorakit.files.atomic import recover_folder, replace_folder
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST_FILE = "manifest.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
 from lorakit.errors import UsageError
 
 # lorakit's own recipe, used when the user gives no value. LoRA on every linear layer (on
@@ -38,7 +38,7 @@ class TrainConfig:
         dora, init, pissa_niter, rank_pattern, alpha_pattern: LoRA variants (DoRA, PiSSA init
             (exact SVD, or randomized with pissa_niter iterations), per-module ranks / alphas).
         full: fine-tune every weight instead (no adapter; the model is saved in full).
-        quantize: "nf4" stores the frozen base's linear layers in 4-bit NF4 (QLoRA, lorakit.quant).
+        quantize: "nf4" stores the frozen base's linear layers in 4-bit NF4 (QLoRA, lorakit.variants.qlora).
         lr, weight_decay, schedule, warmup: AdamW and its schedule; warmup < 1 is a ratio of
             the steps, >= 1 a number of steps.
         epochs, max_steps: how long (max_steps wins when given).

@@ -22,8 +22,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lorakit
-from lorakit.atomic import recover_folder, replace_folder
 from lorakit.errors import UsageError
+from lorakit.files.atomic import recover_folder, replace_folder
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.batching import collate, pad_id_of, plan_epoch, shard
@@ -76,7 +76,7 @@ class Trainer:
             heads = head_names(self.model) if config.task == "classify" else []
             self.lora = lora_config_from_args(config, head=heads)
             if config.quantize == "nf4":  # QLoRA: every linear layer but heads / saved modules in 4 bits
-                from lorakit.quant import quantize_model
+                from lorakit.variants.qlora import quantize_model
 
                 quantize_model(self.model, keep=self.lora.modules_to_save)
             lorakit.inject(self.model, self.lora)
@@ -130,7 +130,7 @@ class Trainer:
             replace_folder(self.out / "model", write)
             return
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
-            from lorakit.init import save_pissa_as_lora
+            from lorakit.variants.pissa_convert import save_pissa_as_lora
 
             folder = save_pissa_as_lora(self.model, self.out / "adapter")
         else:

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from lorakit.atomic import replace_file
 from lorakit.errors import UsageError
+from lorakit.files.atomic import replace_file
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import functional as LF
+from lorakit.core import functional as LF
 from lorakit.errors import LorakitError
 
 

@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import functional as LF
-from lorakit.layers import dora, pissa
-from lorakit.layers.base import LoraLayer
+from lorakit.core import functional as LF
+from lorakit.core.layers.base import LoraLayer
+from lorakit.variants import dora
+from lorakit.variants import pissa_init as pissa
 
 
 def linear_dims(base: nn.Module) -> tuple[int, int]:

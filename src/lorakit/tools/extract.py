@@ -23,9 +23,9 @@ import torch.nn as nn
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.inject import find_targets, inject, lora_layers
 from lorakit.errors import DataError, UsageError
-from lorakit.inject import find_targets, inject, lora_layers
 
 
 @dataclass

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.inject import adapter_configs, lora_layers
+from lorakit.core.layers import LoraLinear
 from lorakit.errors import UsageError
-from lorakit.inject import adapter_configs, lora_layers
-from lorakit.io import read_adapter, save_adapter
-from lorakit.layers import LoraLinear, dora
+from lorakit.files.peft_format import read_adapter, save_adapter
+from lorakit.variants import dora
 
 
 def doubled_rank_config(config: LoraConfig) -> LoraConfig:

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from lorakit import functional as LF
-from lorakit.layers.base import LoraLayer
+from lorakit.core import functional as LF
+from lorakit.core.layers.base import LoraLayer
 
 ConvStyle = Literal["peft", "loralib"]
 

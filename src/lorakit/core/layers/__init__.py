@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.layers.base import LoraLayer
-from lorakit.layers.conv import LoraConv
-from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.linear import LoraLinear
-from lorakit.layers.saved import SavedModule, adapter_copy, plain_module
+from lorakit.core.layers.base import LoraLayer
+from lorakit.core.layers.conv import LoraConv
+from lorakit.core.layers.embedding import LoraEmbedding
+from lorakit.core.layers.linear import LoraLinear
+from lorakit.core.layers.saved import SavedModule, adapter_copy, plain_module
 
 # Module type -> LoRA layer family; the first match wins.
 DISPATCH: list[tuple[tuple[type, ...], type[LoraLayer]]] = [

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UsageError
-from lorakit.extract import low_rank_factors
-from lorakit.io import (
+from lorakit.files.peft_format import (
     CONFIG_NAME,
     FINGERPRINT_KEY,
     PREFIX,
@@ -39,6 +38,7 @@ from lorakit.io import (
     read_adapter,
     write_adapter_folder,
 )
+from lorakit.tools.extract import low_rank_factors
 
 METHODS = ("linear", "cat", "svd")
 _FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))

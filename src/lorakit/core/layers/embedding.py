@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import functional as LF
-from lorakit.layers.base import LoraLayer
+from lorakit.core import functional as LF
+from lorakit.core.layers.base import LoraLayer
 
 
 class LoraEmbedding(LoraLayer):

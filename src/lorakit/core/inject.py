@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import LorakitError
-from lorakit.layers import (
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers import (
     SUPPORTED,
     LoraConv,
     LoraEmbedding,
@@ -20,6 +19,7 @@ from lorakit.layers import (
     is_linear,
     layer_class_for,
 )
+from lorakit.errors import LorakitError
 
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}

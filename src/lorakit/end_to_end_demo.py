@@ -42,10 +42,10 @@ def run_demo(
     `steps` (optimizer steps) overrides `epochs` over the 240 training sentences. Outputs:
     out_dir/train (adapter/, metrics.jsonl, loss.png, summary.json), out_dir/merged (a plain
     Hugging Face folder) and out_dir/demo_report.json."""
-    from lorakit.adapters import merge, merge_and_unload
-    from lorakit.atomic import replace_file, replace_folder
     from lorakit.commands._common import load_adapted
+    from lorakit.core.adapters import merge, merge_and_unload
     from lorakit.defaults import offline
+    from lorakit.files.atomic import replace_file, replace_folder
     from lorakit.train import TrainConfig, Trainer, evaluate
 
     offline()

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from lorakit.core.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 
 ADAPTER = "default"
 _LINEAR_NAMES = {

@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.inject import find_targets, lora_layers, walk
+from lorakit.core.layers import LoraLayer
 from lorakit.errors import UsageError
-from lorakit.inject import find_targets, lora_layers, walk
-from lorakit.io import FINGERPRINT_ATTR, fingerprint_sample
-from lorakit.layers import LoraLayer
+from lorakit.files.peft_format import FINGERPRINT_ATTR, fingerprint_sample
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lorakit.core.functional import scaling
 from lorakit.errors import LorakitError
-from lorakit.functional import scaling
 
 BiasMode = Literal["none", "all", "lora_only"]
 InitMode = str  # "kaiming", "gaussian", "pissa" or "pissa_niter_<N>"

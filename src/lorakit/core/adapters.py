@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from lorakit.inject import (
+from lorakit.core.inject import (
     BASE_VALUES_ATTR,
     CONFIGS_ATTR,
     adapter_configs,

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import UsageError
-from lorakit.layers import dora
+from lorakit.variants import dora
 
 
 class LoraLayer(nn.Module):
@@ -123,7 +123,7 @@ class LoraLayer(nn.Module):
     # --- merge / unmerge / disable ----------------------------------------------------------
     @property
     def quantized(self) -> bool:
-        """True when the base weight is stored quantized (bitsandbytes 4-bit, lorakit.quant): no merge."""
+        """True when the base weight is stored quantized (bitsandbytes 4-bit, lorakit.variants.qlora): no merge."""
         return hasattr(self.base_layer.weight, "quant_state")
 
     def check_mergeable(self) -> None:
@@ -132,7 +132,7 @@ class LoraLayer(nn.Module):
             raise UsageError(
                 f"cannot merge into a quantized (4-bit) base weight of {type(self.base_layer).__name__}: re-quantising "
                 "W0 + dW would lose most of the adapter; merge into a dequantised copy instead: "
-                "lorakit.quant.dequantize_model(model), then merge"
+                "lorakit.variants.qlora.dequantize_model(model), then merge"
             )
 
     @property

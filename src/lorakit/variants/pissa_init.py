@@ -11,7 +11,7 @@ peft/tuners/lora/layer.py), so the same W0 and rank give the same A0, B0.
 on large weights, near the exact factors when the spectrum decays.
 
 The initial factors are kept on the layer (`pissa_initial`), so the trained adapter can be
-turned into a plain LoRA for the ORIGINAL base (lorakit.init.pissa_to_lora).
+turned into a plain LoRA for the ORIGINAL base (lorakit.variants.pissa_convert.pissa_to_lora).
 """
 
 from __future__ import annotations

@@ -19,10 +19,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakit.atomic import replace_folder
-from lorakit.config import ConfigError, LoraConfig
-from lorakit.errors import LorakitError
-from lorakit.inject import (
+from lorakit.core.config import ConfigError, LoraConfig
+from lorakit.core.inject import (
     TargetError,
     adapter_configs,
     find_modules_to_save,
@@ -32,8 +30,10 @@ from lorakit.inject import (
     stash_base_values,
     walk,
 )
-from lorakit.layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_copy, layer_class_for, plain_module
-from lorakit.layers.linear import linear_dims
+from lorakit.core.layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_copy, layer_class_for, plain_module
+from lorakit.core.layers.linear import linear_dims
+from lorakit.errors import LorakitError
+from lorakit.files.atomic import replace_folder
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

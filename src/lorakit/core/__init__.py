@@ -1,0 +1,1 @@
+"""The core: LoRA maths (functional), configuration, the layers and their injection into a model."""

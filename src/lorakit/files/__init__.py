@@ -1,0 +1,1 @@
+"""Adapter files: PEFT's format (save, read, load) and atomic writes."""
