@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
+from lorakit.commands._common import add_model_arguments
+
 HELP = "generate text from a prompt with a causal LM + adapter (greedy or sampling)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit generate`."""
-    from lorakit.commands._common import add_model_arguments
-
     add_model_arguments(
         parser,
         model_help="base causal LM folder; default: lorakit's small SST-2 GPT",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lorakit.commands._common import add_model_arguments
 from lorakit.errors import UsageError
 from lorakit.files.atomic import recover_folder, replace_folder
 
@@ -27,8 +28,6 @@ HELP = "merge an adapter into its base model: a plain Hugging Face folder with t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit merge`."""
-    from lorakit.commands._common import add_model_arguments
-
     add_model_arguments(
         parser,
         model_help="base model folder (Hugging Face format); default: the packaged MiniLM",

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lorakit.commands._common import add_model_arguments
+
 HELP = "classify texts with a model + adapter: label and probabilities per input"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit predict`."""
-    from lorakit.commands._common import add_model_arguments
-
     add_model_arguments(
         parser,
         model_help="base model folder; default: the packaged MiniLM",
