@@ -13,9 +13,8 @@ from lorakit import hf
 
 # Loading, task and limits live in lorakit.hf; these names stay importable from here for the trainer.
 from lorakit.hf import CARD_KEY, head_names, load_tokenizer, model_path, read_card
-from lorakit.hf import CLASSIFIER_HEADS as HEAD_NAMES
 
-__all__ = ["HEAD_NAMES", "head_names", "load_model", "load_tokenizer", "max_tokens", "model_path", "read_card"]
+__all__ = ["head_names", "load_model", "load_tokenizer", "max_tokens", "model_path", "read_card"]
 
 
 def set_model_dropout(config: Any, p: float) -> list[str]:
