@@ -92,7 +92,9 @@ def run_demo(
     replace_folder(merged_dir, write)
     from transformers import AutoModelForSequenceClassification
 
-    from_disk = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    from lorakit.hf import load_pretrained
+
+    from_disk = load_pretrained(merged_dir, AutoModelForSequenceClassification).eval()
     with torch.inference_mode():
         logits_disk = from_disk(**batch).logits
     checks = {
@@ -142,10 +144,11 @@ def _peft_logits(adapter_dir: Path, num_labels: int, batch: dict[str, torch.Tens
     from transformers import AutoModelForSequenceClassification
 
     from lorakit.defaults import default_model_path
+    from lorakit.hf import load_pretrained
 
     with warnings.catch_warnings():  # transformers' deprecation notes from inside PEFT are not the user's concern
         warnings.simplefilter("ignore", FutureWarning)
-        base = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=num_labels)
+        base = load_pretrained(default_model_path(), AutoModelForSequenceClassification, num_labels=num_labels)
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.inference_mode():
         return model(**batch).logits

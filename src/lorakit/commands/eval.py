@@ -15,7 +15,6 @@ from pathlib import Path
 from lorakit.errors import UsageError
 
 HELP = "evaluate an adapter on a data file (accuracy / macro-F1, or loss / perplexity)"
-_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "causal-lm"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,28 +39,20 @@ def adapter_folder(given: str) -> Path:
     return path
 
 
-def adapter_task(folder: Path) -> tuple[str, list[str] | None, str | None]:
-    """(task, label names or None, base model path or None) of an adapter folder."""
-    import lorakit
-    from lorakit.train.model import HEAD_NAMES, read_card
+def evaluation_task(folder: Path) -> tuple[str, list[str] | None, str | None]:
+    """(task, label names or None, base model path or None) of an adapter folder, from
+    hf.adapter_task; a classifier without card labels gets "0", "1", ... by its saved head."""
+    from lorakit import hf
 
-    config, tensors, _ = lorakit.read_adapter(folder)  # validates the folder: AdapterError if broken
-    card = read_card(folder)
-    data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    task = card.get("task") or _TASKS.get(data.get("task_type") or "")
-    if task is None:
-        raise UsageError(
-            f"{folder}: task_type {data.get('task_type')!r} is not one lorakit evaluates (SEQ_CLS, CAUSAL_LM)"
-        )
-    labels = card.get("labels")
-    if task == "classify" and not labels:
-        heads = [t for k, t in tensors.items() if k.split(".")[-2] in HEAD_NAMES and k.endswith("weight")]
-        heads += [t for k, t in tensors.items() if k.endswith("out_proj.weight")]  # RoBERTa-style heads
-        if not heads:
+    info = hf.adapter_task(folder)  # validates the folder: AdapterError if broken
+    if info.task is None:
+        raise UsageError(f"{folder}: task_type {info.task_type!r} is not one lorakit evaluates (SEQ_CLS, CAUSAL_LM)")
+    labels = info.labels
+    if info.task == hf.CLASSIFY and not labels:
+        if info.num_labels is None:
             raise UsageError(f"{folder}: a classification adapter without a saved head; nothing to evaluate")
-        labels = [str(i) for i in range(heads[-1].shape[0])]
-    base = data.get("base_model_name_or_path")
-    return task, labels, base
+        labels = [str(i) for i in range(info.num_labels)]
+    return info.task, labels, info.base
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     require(args, "adapter", "data")
     folder = adapter_folder(args.adapter)
-    task, labels, base = adapter_task(folder)
+    task, labels, base = evaluation_task(folder)
     given = args.model or (base if base and (Path(base) / "config.json").is_file() else None)
     path = model_path(given, task)
     tokenizer = load_tokenizer(path)

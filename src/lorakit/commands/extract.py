@@ -57,15 +57,11 @@ def load_pretrained(path: str, role: str):
     if not (folder / "config.json").is_file():
         raise DataError(f"--{role} {path}: not a model folder (no config.json); give a save_pretrained folder")
     import torch
-    import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    cls = cls or transformers.AutoModel
+    from lorakit import hf
+
     try:
-        # safetensors only: a pytorch_model.bin is a pickle, and nothing lorakit reads is unpickled.
-        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+        return hf.load_pretrained(folder, hf.saved_class(hf.load_config(folder)), dtype=torch.float32).eval()
     except (OSError, ValueError) as err:
         raise DataError(f"--{role} {path}: cannot load the model ({str(err).splitlines()[0]})") from None
 

@@ -13,26 +13,31 @@ from typing import Any
 
 import torch
 
+from lorakit.commands._common import add_model_arguments
+
 HELP = "generate text from a prompt with a causal LM + adapter (greedy or sampling)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit generate`."""
-    parser.add_argument("--model", help="base causal LM folder; default: lorakit's small SST-2 GPT")
-    parser.add_argument("--adapter", help="adapter folder (PEFT format); optional")
+    add_model_arguments(
+        parser,
+        model_help="base causal LM folder; default: lorakit's small SST-2 GPT",
+        adapter_help="adapter folder (PEFT format); optional",
+    )
     parser.add_argument("--prompt", action="append", help="the prompt (repeat for several)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add (default: 40)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 0 < p <= 1 (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    parser.add_argument("--force", action="store_true", help="skip the check that the adapter fits this base")
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load, generate, print."""
     from lorakit.commands._common import CAUSAL_LM, load_adapted
     from lorakit.errors import UsageError
+    from lorakit.serve.request import SamplingParams
 
     problems = []
     if not args.prompt:
@@ -48,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_adapted(args.model, args.adapter, task=CAUSAL_LM, force=args.force)
     if tokenizer is None:
         raise UsageError(f"{info['model']} has no tokenizer files; generate needs the base model's tokenizer")
+    sampling = SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     for prompt in args.prompt:
-        text = generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        text = generate(model, tokenizer, prompt, sampling)
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
         else:
@@ -57,25 +65,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    max_new_tokens: int = 40,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> str:
-    """The text generated after `prompt` (prompt not included), stopping at the end-of-text token."""
-    from lorakit.errors import UsageError
+def generate(model: Any, tokenizer: Any, prompt: str, sampling: Any = None) -> str:
+    """The text generated after `prompt` (prompt not included), stopping at the end-of-text token.
 
+    `sampling` is a lorakit.serve.request.SamplingParams (max_tokens new tokens, temperature,
+    top_p, seed); the default is 40 greedy tokens."""
+    from lorakit import hf
+    from lorakit.errors import UsageError
+    from lorakit.serve.request import SamplingParams
+
+    sampling = sampling or SamplingParams(max_tokens=40, temperature=0.0)
+    max_new_tokens, temperature = sampling.max_tokens, sampling.temperature
     batch = tokenizer(prompt, return_tensors="pt")
     if batch["input_ids"].shape[1] == 0:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if bos is None:
             raise UsageError("the prompt is empty and the tokenizer has no start token; give a non-empty --prompt")
         batch = {"input_ids": torch.tensor([[bos]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = hf.context_length(model.config)
     if limit and batch["input_ids"].shape[1] + max_new_tokens > limit:
         raise UsageError(
             f"prompt ({batch['input_ids'].shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds "
@@ -84,11 +91,11 @@ def generate(
     sample = temperature > 0
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample}
     if sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
+        options.update(temperature=temperature, top_p=sampling.top_p, top_k=0)
     else:
         options.update(temperature=None, top_p=None, top_k=None)  # no sampling settings from generation_config
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)  # transformers samples from the global generator
+    pad = hf.pad_token_id(tokenizer, model.config)
+    torch.manual_seed(sampling.seed or 0)  # transformers samples from the global generator
     with torch.inference_mode():
         out = model.generate(**batch, pad_token_id=pad, **options)
     return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lorakit.commands._common import add_model_arguments
 from lorakit.errors import UsageError
 from lorakit.files.atomic import recover_folder, replace_folder
 
@@ -27,11 +28,13 @@ HELP = "merge an adapter into its base model: a plain Hugging Face folder with t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit merge`."""
-    parser.add_argument("--model", help="base model folder (Hugging Face format); default: the packaged MiniLM")
-    parser.add_argument("--adapter", help="adapter folder (PEFT format: adapter_config.json + safetensors)")
+    add_model_arguments(
+        parser,
+        model_help="base model folder (Hugging Face format); default: the packaged MiniLM",
+        adapter_help="adapter folder (PEFT format: adapter_config.json + safetensors)",
+    )
     parser.add_argument("--out", help="folder to write the merged model to (must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
-    parser.add_argument("--force", action="store_true", help="skip the check that the adapter fits this base")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +95,9 @@ def _write_merged(folder: Path, plain: nn.Module, tokenizer: Any) -> None:
 def _check_written(folder: Path, cls: type, probe: dict, want: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
     """Reload `folder` with plain transformers and compare its outputs with `want` (base + adapter)."""
     try:
-        reloaded = cls.from_pretrained(folder, dtype=dtype).eval()
+        from lorakit import hf
+
+        reloaded = hf.load_pretrained(folder, cls, dtype=dtype).eval()
         with torch.inference_mode():
             got = _logits(reloaded(**probe)).float()
     except Exception as err:  # noqa: BLE001 - whatever broke, the folder is not a usable model

@@ -15,20 +15,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lorakit.commands._common import add_model_arguments
+
 HELP = "classify texts with a model + adapter: label and probabilities per input"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit predict`."""
-    parser.add_argument("--model", help="base model folder; default: the packaged MiniLM")
-    parser.add_argument("--adapter", help="adapter folder (PEFT format); omit it for a merged classifier folder")
+    add_model_arguments(
+        parser,
+        model_help="base model folder; default: the packaged MiniLM",
+        adapter_help="adapter folder (PEFT format); omit it for a merged classifier folder",
+    )
     parser.add_argument("--data", help="JSONL, CSV or TSV file with a text column")
     parser.add_argument("--text", action="append", help="a text to classify (repeat for several)")
     parser.add_argument("--text-column", default="text", help="column of --data to read (default: text, or sentence)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens kept per text (default: 256)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line with every probability")
-    parser.add_argument("--force", action="store_true", help="skip the check that the adapter fits this base")
 
 
 def run(args: argparse.Namespace) -> int:

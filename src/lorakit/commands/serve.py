@@ -80,34 +80,27 @@ def _check(args: argparse.Namespace) -> None:
 def build_app(args: argparse.Namespace):
     """Load the model, tokenizer and adapters named by `args` and return the FastAPI app."""
     _check(args)
-    from lorakit import defaults
+    from lorakit import defaults, hf
 
     defaults.offline()
     adapters = parse_adapters(args.adapter)
-    model_path = args.model
-    if model_path is None:
-        try:
-            model_path = str(defaults.default_causal_lm_path())
-        except (FileNotFoundError, AttributeError) as err:
-            raise UsageError(f"no --model given and the default model is missing ({err}): give --model") from None
-        if not args.adapter:
-            adapters = {n: p for n, p in defaults.default_causal_lm_adapters().items() if Path(p).is_dir()}
+    model_path = hf.model_path(args.model, hf.CAUSAL_LM)  # default: the shipped SST-2 GPT
+    if args.model is None and not args.adapter:
+        adapters = {n: p for n, p in defaults.default_causal_lm_adapters().items() if Path(p).is_dir()}
     from lorakit.serve.auth import load_api_keys
 
     api_keys = load_api_keys(args.api_keys) if args.api_keys else None
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit.serve import AdapterRegistry, MultiLoraModel
     from lorakit.serve.app import create_app
 
-    config = AutoConfig.from_pretrained(model_path)
-    classifier = any("ForSequenceClassification" in a for a in (config.architectures or []))
-    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path, use_safetensors=True)  # safetensors only: a .bin is a pickle
+    config = hf.load_config(model_path)
+    tokenizer = hf.load_tokenizer(model_path)
+    task = hf.CLASSIFY if hf.model_task(config) == hf.CLASSIFY else hf.CAUSAL_LM  # anything else: a causal LM
+    model = hf.load_base(model_path, task, config, tokenizer)
     model = model.to(torch.device(args.device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     slots = max(16, args.max_resident or 0, len(adapters))
     multi = MultiLoraModel(model, slots=slots, max_rank=args.max_rank)
     registry = AdapterRegistry(multi, max_resident=args.max_resident, root=args.adapter_root)
