@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("evaluation, logging and checkpoints")
     run.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    run.add_argument("--eval-batch-size", type=int, help="examples per evaluation batch (default 64)")
     run.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop after N evals without improvement")
     run.add_argument("--log-every", type=int, help="a metrics.jsonl line every N steps (default 10)")
     run.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (for --resume)")

@@ -7,11 +7,14 @@ and takes its own slice, and a resumed run finds its place by the step number al
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from lorakit.train.config import TrainConfig
 from lorakit.train.data import IGNORE_INDEX, Example
 
 # Examples are sorted by length inside windows of this many batches: batches have little
@@ -40,6 +43,48 @@ def plan_epoch(
         rng.shuffle(rest)
         batches = head + rest
     return batches
+
+
+@dataclass
+class StepPlan:
+    """Which examples each optimizer step of a run trains on, and how many steps there are.
+
+    Step `s` (1-based) of the endless stream of epochs takes the examples of one global batch
+    of `step_size` = batch_size x processes x grad_accum; it is cut into micro-batches of
+    `global_batch` (one per accumulation step, each split over the processes). The examples
+    of a step do not depend on that split, so every split computes the same update."""
+
+    lengths: list[int]  # tokens of each training example
+    global_batch: int  # one micro-batch over all processes
+    step_size: int  # examples per optimizer step
+    seed: int
+    group_by_length: bool
+    total_steps: int
+    warmup_steps: int
+    _epochs: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)  # the current epoch's plan
+
+    @classmethod
+    def of(cls, config: TrainConfig, lengths: list[int], world: int) -> StepPlan:
+        """The plan of `config` over examples of `lengths` tokens with `world` processes."""
+        global_batch = config.batch_size * world
+        step_size = global_batch * config.grad_accum
+        steps_per_epoch = math.ceil(len(lengths) / step_size)
+        total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        warmup = int(config.warmup) if config.warmup >= 1 else round(config.warmup * total)
+        return cls(lengths, global_batch, step_size, config.seed, config.group_by_length, total, warmup)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the data (the last one may be short)."""
+        return math.ceil(len(self.lengths) / self.step_size)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The global micro-batches (example indices) of optimizer step `step` (1-based)."""
+        epoch, index = divmod(step - 1, self.steps_per_epoch)
+        if epoch not in self._epochs:  # only one epoch's plan is kept
+            self._epochs = {epoch: plan_epoch(self.lengths, self.step_size, self.seed, epoch, self.group_by_length)}
+        examples = self._epochs[epoch][index]
+        return [examples[i : i + self.global_batch] for i in range(0, len(examples), self.global_batch)]
 
 
 def shard(batch: list[int], rank: int, world: int) -> list[int]:

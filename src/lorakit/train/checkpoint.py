@@ -6,7 +6,7 @@
                        of torch / CUDA / numpy (as uint8 tensors)
   state.json           the step (the data position: batch plans are a pure function of seed and
                        epoch), the optimizer's param groups, scheduler and grad scaler states,
-                       python's RNG state and the best-so-far bookkeeping
+                       python's RNG state and the run's figures ("book": stats.RunStats.to_book)
   manifest.json        the format version, the step and the sha256 of the two files above
 
 Loading checks every checksum before reading anything, so a flipped byte, a torn or foreign

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from lorakit.core.config import LoraConfig
@@ -20,6 +22,9 @@ DEFAULT_ALPHA = 8.0
 DEFAULT_TARGETS = "all-linear"
 DEFAULT_LR = 2e-3
 DEFAULT_FULL_LR = 5e-5
+
+# Namespace attributes of the `lorakit` command itself (the subcommand, --config, --version), not settings.
+CLI_PLUMBING = frozenset({"command", "config", "func", "version"})
 
 
 @dataclass
@@ -98,66 +103,23 @@ class TrainConfig:
     overwrite: bool = False
     eval_batch_size: int = 64
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: Any) -> TrainConfig:
-        """A TrainConfig from an argparse Namespace (or any object) with these attribute names."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in known and v is not None}
-        extra = {k: v for k, v in vars(args).items() if k not in known and k not in ("command", "config", "func")}
-        return cls(**values, extra=extra)
+        """A TrainConfig from an argparse Namespace, a mapping, or any object with these attribute
+        names; None means "not given" (the field's default). A name that is no setting is a
+        UsageError naming the closest setting, never silently dropped: a typo in a key would
+        otherwise train with the default without a word."""
+        given = dict(args) if isinstance(args, Mapping) else vars(args)
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in given if k not in known and k not in CLI_PLUMBING]
+        if unknown:
+            raise UsageError("; ".join(_unknown_setting(k, known) for k in unknown))
+        return cls(**{k: v for k, v in given.items() if k in known and v is not None})
 
     def validate(self) -> None:
         """Raise one UsageError listing every bad setting."""
-        problems = []
-        if not self.train:
-            problems.append("--train is required (a JSONL, CSV or TSV file)")
-        if not self.out:
-            problems.append("--out is required (the run folder)")
-        if self.task not in ("classify", "causal-lm"):
-            problems.append(f"--task {self.task!r}: use classify or causal-lm")
-        if self.eval and self.eval_split:
-            problems.append("give --eval FILE or --eval-split FRACTION, not both")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("eval_every", "log_every", "checkpoint_every", "early_stopping"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"--max-steps {self.max_steps}: must be at least 1")
-        if self.epochs <= 0:
-            problems.append(f"--epochs {self.epochs}: must be positive")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"--lr {self.lr}: must be positive")
-        if self.warmup < 0:
-            problems.append(f"--warmup {self.warmup}: a ratio in [0, 1) or a number of steps >= 1")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            problems.append(f"--schedule {self.schedule!r}: use linear, cosine or constant")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"--precision {self.precision!r}: use auto, fp32, bf16 or fp16")
-        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
-            problems.append(f"--model-dropout {self.model_dropout}: must be in [0, 1)")
-        if self.early_stopping and not (self.eval or self.eval_split):
-            problems.append("--early-stopping needs evaluation data: add --eval FILE or --eval-split 0.1")
-        if self.quantize not in ("none", "nf4"):
-            problems.append(f"--quantize {self.quantize!r}: use none or nf4")
-        elif self.quantize == "nf4" and self.full:
-            problems.append("--quantize nf4 trains LoRA over a frozen 4-bit base: drop --full (or --quantize)")
-        for flag, value in (("--rank-pattern", self.rank_pattern), ("--alpha-pattern", self.alpha_pattern)):
-            try:
-                parse_pattern(value, flag)
-            except UsageError as err:
-                problems.append(str(err))
-        if self.init not in ("kaiming", "gaussian", "pissa"):
-            problems.append(f"--init {self.init!r}: use kaiming, gaussian or pissa")
-        if (self.dora or self.init != "kaiming" or self.rank_pattern or self.alpha_pattern) and self.full:
-            problems.append("--dora / --init / --rank-pattern / --alpha-pattern shape a LoRA adapter: drop --full")
-        if self.dora and self.quantize == "nf4":
-            problems.append("--dora over a 4-bit base is not supported: drop --dora or --quantize nf4")
-        if self.resume and self.overwrite:
-            problems.append("--resume continues a run and --overwrite deletes it: give one")
+        problems = [problem for check in _CHECKS for problem in check(self)]
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -165,6 +127,94 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """The given lr, or the recipe's default for LoRA / full fine-tuning."""
         return self.lr if self.lr is not None else DEFAULT_FULL_LR if self.full else DEFAULT_LR
+
+
+def _unknown_setting(name: str, known: list[str]) -> str:
+    """One problem line for a name that is no TrainConfig setting, with the closest one."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown setting {name!r}{hint}"
+
+
+# --- validation: one small check per concern, each a list of problem lines -------------------
+def _one_of(flag: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    """[] when `value` is allowed, else "--flag 'x': use a, b or c"."""
+    if value in allowed:
+        return []
+    return [f"{flag} {value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}"]
+
+
+def _check_inputs(c: TrainConfig) -> list[str]:
+    """The data, the run folder and the task."""
+    problems = []
+    if not c.train:
+        problems.append("--train is required (a JSONL, CSV or TSV file)")
+    if not c.out:
+        problems.append("--out is required (the run folder)")
+    problems += _one_of("--task", c.task, ("classify", "causal-lm"))
+    if c.eval and c.eval_split:
+        problems.append("give --eval FILE or --eval-split FRACTION, not both")
+    return problems
+
+
+def _check_counts(c: TrainConfig) -> list[str]:
+    """Sizes, intervals and the optimizer's numbers."""
+    problems = []
+    for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
+        if getattr(c, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
+    for name in ("eval_every", "log_every", "checkpoint_every", "early_stopping"):
+        if getattr(c, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
+    if c.max_steps is not None and c.max_steps < 1:
+        problems.append(f"--max-steps {c.max_steps}: must be at least 1")
+    if c.epochs <= 0:
+        problems.append(f"--epochs {c.epochs}: must be positive")
+    if c.lr is not None and c.lr <= 0:
+        problems.append(f"--lr {c.lr}: must be positive")
+    if c.warmup < 0:
+        problems.append(f"--warmup {c.warmup}: a ratio in [0, 1) or a number of steps >= 1")
+    return problems
+
+
+def _check_schedule(c: TrainConfig) -> list[str]:
+    """The lr schedule, precision, the model's dropout and early stopping."""
+    problems = _one_of("--schedule", c.schedule, ("linear", "cosine", "constant"))
+    problems += _one_of("--precision", c.precision, ("auto", "fp32", "bf16", "fp16"))
+    if c.model_dropout is not None and not 0.0 <= c.model_dropout < 1.0:
+        problems.append(f"--model-dropout {c.model_dropout}: must be in [0, 1)")
+    if c.early_stopping and not (c.eval or c.eval_split):
+        problems.append("--early-stopping needs evaluation data: add --eval FILE or --eval-split 0.1")
+    return problems
+
+
+def _check_adapter(c: TrainConfig) -> list[str]:
+    """The adapter's shape and variants, and which of them go together."""
+    problems = _one_of("--quantize", c.quantize, ("none", "nf4"))
+    if not problems and c.quantize == "nf4" and c.full:
+        problems.append("--quantize nf4 trains LoRA over a frozen 4-bit base: drop --full (or --quantize)")
+    for flag, value in (("--rank-pattern", c.rank_pattern), ("--alpha-pattern", c.alpha_pattern)):
+        try:
+            parse_pattern(value, flag)
+        except UsageError as err:
+            problems.append(str(err))
+    problems += _one_of("--init", c.init, ("kaiming", "gaussian", "pissa"))
+    if (c.dora or c.init != "kaiming" or c.rank_pattern or c.alpha_pattern) and c.full:
+        problems.append("--dora / --init / --rank-pattern / --alpha-pattern shape a LoRA adapter: drop --full")
+    if c.dora and c.quantize == "nf4":
+        problems.append("--dora over a 4-bit base is not supported: drop --dora or --quantize nf4")
+    return problems
+
+
+def _check_run_mode(c: TrainConfig) -> list[str]:
+    """--resume and --overwrite."""
+    if c.resume and c.overwrite:
+        return ["--resume continues a run and --overwrite deletes it: give one"]
+    return []
+
+
+# In this order, so a config with several problems lists them as it always has.
+_CHECKS = (_check_inputs, _check_counts, _check_schedule, _check_adapter, _check_run_mode)
 
 
 def lora_config_from_args(args: Any, head: list[str] | None = None) -> LoraConfig:
