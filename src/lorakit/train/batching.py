@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorakit import hf
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import IGNORE_INDEX, Example
 
@@ -113,9 +114,5 @@ def collate(examples: list[Example], pad_id: int, device: torch.device | str = "
 
 
 def pad_id_of(tokenizer) -> int:
-    """The padding token id: the tokenizer's pad, else its eos, else 0 (masked out anyway)."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
+    """The padding token id (lorakit.hf decides it, for training and serving alike)."""
+    return hf.pad_token_id(tokenizer)
