@@ -172,7 +172,7 @@ class Engine:
         key = adapter
         if self.registry is not None:  # loads it now if evicted; unpinned when the request ends
             key = self.registry.pin(adapter)  # this version serves the whole request, even if re-registered
-        request = GenerationRequest(ids, adapter, params, loop)
+        request = GenerationRequest(ids, adapter, params, loop, self.tokenizer)
         request.adapter_key = key  # what use() gets for this row: the pinned version, not the name
         self._inbox.put(request)
         return request
@@ -352,50 +352,19 @@ class Engine:
         row.last = token
         if token in self.eos_ids and not request.params.ignore_eos:
             return "stop"
-        request.output_ids.append(token)
-        if self._emit(request):
+        if request.output.add(token):  # streams the new text; True once a stop sequence appeared
             return "stop"
         if len(request.output_ids) >= request.params.max_tokens:
             return "length"
         return None
 
-    def _text(self, request: GenerationRequest) -> str:
-        return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-
-    def _emit(self, request: GenerationRequest) -> bool:
-        """Stream the new safe text; True when a stop sequence has appeared (text cut before it)."""
-        stops = request.params.stop
-        text, stopped = _cut_at_stop(self._text(request), stops)
-        if stopped:
-            safe = len(text)
-        else:
-            # hold back what could still become a stop sequence, and a half-decoded character
-            hold = max((len(s) - 1 for s in stops), default=0)
-            safe = len(text) - hold
-            while safe > 0 and text[safe - 1] == "\ufffd":
-                safe -= 1
-        if safe > request._emitted:
-            request._put(text[request._emitted : safe])
-            request._emitted = safe
-        return stopped
-
     def _close(self, request: GenerationRequest, reason: str, error: str | None = None) -> None:
-        text, _ = _cut_at_stop(self._text(request), request.params.stop)
-        if reason not in ("cancelled", "error") and len(text) > request._emitted:
-            request._put(text[request._emitted :])
-            request._emitted = len(text)
         if self.registry is not None:
             try:
                 self.registry.unpin(request.adapter_key)
             except Exception:  # the adapter may have been removed meanwhile; nothing left to release
                 log.debug("unpin %r failed", request.adapter, exc_info=True)
-        request._finish(Completion(text, list(request.output_ids), reason, len(request.prompt_ids), error))
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """The text before the earliest stop sequence in it, and whether one appeared."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+        request.finish(reason, error)
 
 
 def _token_id(value: Any) -> int:
@@ -417,6 +386,7 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
 
 
 def _context_length(config: Any) -> int:
+    """The longest sequence the model's positions cover (2048 when the config names none)."""
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -1,7 +1,8 @@
 """What a client asks of the generation engine and what it gets back.
 
 SamplingParams (OpenAI's names), the per-request event stream (text deltas, then a Completion)
-for thread or asyncio consumers, and the sampling rule itself.
+for thread or asyncio consumers, and the sampling rule itself. How token ids become those text
+deltas (incremental detokenization, stop sequences) is `lorakit.serve.stream.RequestStream`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.serve.stream import RequestStream
 
 # What torch.Generator.manual_seed accepts (an int64 or a uint64); outside it raises mid-batch.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -71,22 +74,27 @@ class Completion:
 class GenerationRequest:
     """One request's state; its events (text deltas, then the Completion) arrive in order.
 
-    Consume with `stream()` (thread) or `astream()` (asyncio, when submitted with a loop), or
-    wait for `result()`.
+    The engine feeds generated ids to `output.add(token_id)` (which sends the new text) and ends
+    the request with `finish(reason)`. Consume with `stream()` (thread) or `astream()` (asyncio,
+    when submitted with a loop), or wait for `result()`.
     """
 
     _ids = itertools.count()
 
     def __init__(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, loop: asyncio.AbstractEventLoop | None
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None,
+        tokenizer: Any,
     ) -> None:
         self.id = next(self._ids)
         self.prompt_ids, self.adapter, self.params = prompt_ids, adapter, params
-        self.output_ids: list[int] = []
+        self.output = RequestStream(tokenizer, params.stop, send=self._put)
         self.completion: Completion | None = None
         self.cancelled = False
         self.created = time.time()
-        self._emitted = 0  # characters of text already streamed
         self._loop = loop
         self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self._done = threading.Event()
@@ -104,10 +112,18 @@ class GenerationRequest:
         else:
             self._queue.put(item)
 
-    def _finish(self, completion: Completion) -> None:
-        self.completion = completion
-        self._put(completion)
+    @property
+    def output_ids(self) -> list[int]:
+        """The ids generated so far."""
+        return self.output.token_ids
+
+    def finish(self, reason: str, error: str | None = None) -> Completion:
+        """End the request: send the held-back text (unless cancelled or failed), then its Completion."""
+        text = self.output.finish(reason)
+        self.completion = Completion(text, list(self.output_ids), reason, len(self.prompt_ids), error)
+        self._put(self.completion)
         self._done.set()
+        return self.completion
 
     def stream(self) -> Iterator[str]:
         """Text deltas as they are decoded (thread consumer); the Completion is then in `.completion`."""
