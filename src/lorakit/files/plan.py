@@ -40,7 +40,7 @@ DORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 def variant_of(config: LoraConfig) -> str:
-    """"dora" for a weight-decomposed adapter, else "lora"."""
+    """The variant's name: "dora" for a weight-decomposed adapter, else "lora"."""
     return "dora" if config.use_dora else "lora"
 
 
