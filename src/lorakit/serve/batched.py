@@ -61,8 +61,11 @@ class _Target:
         self.rank = 0  # the largest rank resident here: the matmuls use only A[:, :rank]
         self.cache: tuple | None = None  # (key, A rows, Bt rows) of the last batch seen
         weight = module.weight
-        module.register_buffer("lorakit_multi_A", weight.new_zeros(slots + 1, max_rank, self.d_in), persistent=False)
-        module.register_buffer("lorakit_multi_Bt", weight.new_zeros(slots + 1, max_rank, self.d_out), persistent=False)
+        # A 4-bit base stores packed uint8 codes: the adapters use the dtype it computes in.
+        dtype = weight.dtype if weight.is_floating_point() else getattr(module, "compute_dtype", None) or torch.float32
+        for buffer, d in (("lorakit_multi_A", self.d_in), ("lorakit_multi_Bt", self.d_out)):
+            zeros = torch.zeros(slots + 1, max_rank, d, dtype=dtype, device=weight.device)
+            module.register_buffer(buffer, zeros, persistent=False)
 
 
 class _Head:
