@@ -80,7 +80,7 @@ class Coverage:
 
     targeted: tuple[str, ...] = ()  # modules the config's target_modules selects in the model
     matched: tuple[str, ...] = ()  # targeted modules that got all their tensors
-    empty: tuple[str, ...] = ()  # targeted modules no tensor of the file reached
+    empty: tuple[str, ...] = ()  # targeted modules no usable tensor of the file reached
     unused: tuple[str, ...] = ()  # file keys that fit no place in the model
 
     def as_dict(self) -> dict[str, list[str]]:
@@ -181,7 +181,7 @@ def _fill(plan: LoadPlan, model: nn.Module, tensors: dict[str, torch.Tensor], ke
     _assemble(plan, parts, kinds)
     if len(unused) == len(tensors):  # also an empty file
         problems.insert(0, "no tensor in the file matches a module of this model (loading it would change nothing)")
-    plan.problems = problems
+    plan.problems += problems
     targeted = tuple(n for n, _ in plan.targets)
     plan.coverage = Coverage(
         targeted=targeted,
@@ -208,9 +208,7 @@ def _layer_slots(plan: LoadPlan, config: LoraConfig) -> tuple[dict[str, _Slot], 
         key_A, key_B = LORA_KEYS[kind]
         slots[f"{name}.{key_A}"] = _Slot(name, "A", tuple(shape_A), 0)
         slots[f"{name}.{key_B}"] = _Slot(name, "B", tuple(shape_B), 1)
-        if variant != "lora" and kind != "linear":
-            plan.problems.append(f"{name}: {variant} adapts linear layers only, not a {kind} layer")
-            continue
+        # Variants adapt linear layers only; inject refuses them elsewhere (TargetError).
         for suffix, shape in (_variant_shapes(variant, base) if kind == "linear" else {}).items():
             slots[f"{name}.{suffix}"] = _Slot(name, suffix, shape)
     return slots, kinds
