@@ -3,7 +3,9 @@
 Shows the LoRA settings, every adapted module with its rank and shapes, the saved head
 modules, parameter counts, file sizes, the base-model fingerprint lorakit recorded, and
 whether PEFT can load the folder (its config is read with `peft.LoraConfig` when PEFT is
-installed, and the tensor names are checked against PEFT's layout).
+installed, and the tensor names are checked against PEFT's layout). With `--base DIR` it also
+parses the file against that model exactly as loading does (`lorakit.files.plan`) and shows the
+coverage: which targeted modules got tensors, which got none, which tensors fit nowhere.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ from typing import Any
 
 HELP = "describe an adapter folder: settings, ranks per module, parameters, size, PEFT compatibility"
 
-_LORA_SUFFIXES = {
-    "lora_A.weight": "A",
-    "lora_B.weight": "B",
-    "lora_embedding_A": "A",
-    "lora_embedding_B": "B",
-}
+
+def _lora_suffixes() -> dict[str, str]:
+    """PEFT's LoRA key suffixes -> "A" / "B", as the loader's parser names them."""
+    from lorakit.files.plan import LORA_KEYS
+
+    return {suffix: part for pair in LORA_KEYS.values() for suffix, part in zip(pair, "AB", strict=True)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit inspect`."""
     parser.add_argument("adapter", nargs="?", metavar="DIR", help="the adapter folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--base", metavar="DIR", help="a base model folder: also show how the adapter's tensors cover its modules"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli import require
 
     require(args, "adapter")
-    report = describe(args.adapter)
+    model = None
+    if getattr(args, "base", None):
+        from lorakit.commands.extract import load_pretrained
+
+        model = load_pretrained(args.base, "base")
+    report = describe(args.adapter, model)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -45,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(adapter: str | Path) -> dict[str, Any]:
+def describe(adapter: str | Path, model: Any = None) -> dict[str, Any]:
     """Everything `lorakit inspect` shows, as a JSON-ready dict. Raises AdapterError for a
-    folder that is not a readable adapter."""
+    folder that is not a readable adapter. With a `model`, adds "coverage" (see `coverage`)."""
     from lorakit.files.peft_format import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, read_adapter
 
     folder = Path(adapter)
@@ -55,8 +65,9 @@ def describe(adapter: str | Path) -> dict[str, Any]:
     raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     modules: dict[str, dict[str, Any]] = defaultdict(dict)
     saved: dict[str, int] = defaultdict(int)
+    suffixes = _lora_suffixes()
     for key, tensor in tensors.items():
-        for suffix, part in _LORA_SUFFIXES.items():
+        for suffix, part in suffixes.items():
             if key.endswith("." + suffix):
                 modules[key.removesuffix("." + suffix)][part] = list(tensor.shape)
                 break
@@ -71,7 +82,7 @@ def describe(adapter: str | Path) -> dict[str, Any]:
     lora_params = sum(t["params"] for t in targets)
     saved_params = sum(saved.values())
     files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
-    return {
+    report = {
         "path": str(folder),
         "peft_type": raw.get("peft_type", "LORA"),
         "task_type": raw.get("task_type"),
@@ -94,6 +105,20 @@ def describe(adapter: str | Path) -> dict[str, Any]:
         "base_fingerprint": metadata.get(FINGERPRINT_KEY),
         "peft": peft_check(folder, raw, tensors),
     }
+    if model is not None:
+        report["coverage"] = coverage(config, tensors, model)
+    return report
+
+
+def coverage(config: Any, tensors: dict[str, Any], model: Any) -> dict[str, Any]:
+    """How the adapter meets `model`, parsed as load_adapter parses it: {"model", "targeted",
+    "matched", "empty", "unused", "problems", "loadable"} (problems: load_adapter's reasons)."""
+    from lorakit.files.plan import plan_adapter
+
+    plan = plan_adapter(config, tensors, model, strict=False)
+    error = plan.failure("the adapter")
+    problems = [str(error)] if error is not None else []
+    return {"model": type(model).__name__, **plan.coverage.as_dict(), "problems": problems, "loadable": not problems}
 
 
 def peft_check(folder: Path, raw: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +130,7 @@ def peft_check(folder: Path, raw: dict[str, Any], tensors: dict[str, Any]) -> di
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             problems.append(f"adapter_config.json has no {key!r}")
-    lora_keys = [k for k in tensors if any(k.endswith("." + s) for s in _LORA_SUFFIXES)]
+    lora_keys = [k for k in tensors if any(k.endswith("." + s) for s in _lora_suffixes())]
     if not lora_keys:
         problems.append("no lora_A / lora_B tensors in the weights file")
     odd = [k for k in lora_keys if ".lora_A.default." in k or ".lora_B.default." in k]
@@ -157,4 +182,19 @@ def _as_text(report: dict[str, Any]) -> str:
         lines.append("saved modules (trained in full):")
         for name, count in report["saved_modules"].items():
             lines.append(f"  {name:<{width}}  {count:,} parameters")
+    if "coverage" in report:
+        lines += _coverage_text(report["coverage"])
     return "\n".join(lines)
+
+
+def _coverage_text(cover: dict[str, Any]) -> list[str]:
+    verdict = "yes" if cover["loadable"] else "NO: " + "; ".join(cover["problems"])
+    lines = [
+        f"on {cover['model']}: {len(cover['matched'])} of {len(cover['targeted'])} targeted modules matched",
+        f"  loadable     {verdict}",
+    ]
+    if cover["empty"]:
+        lines.append(f"  no tensors   {', '.join(cover['empty'])}")
+    if cover["unused"]:
+        lines.append(f"  unused       {', '.join(cover['unused'])}")
+    return lines

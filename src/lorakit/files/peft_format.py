@@ -8,7 +8,6 @@ fingerprint) before touching the model; saving writes a temp folder and renames 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,64 +29,22 @@ from lorakit.core.inject import (
     stash_base_values,
     walk,
 )
-from lorakit.core.layers import LoraEmbedding, LoraLayer, LoraLinear, adapter_copy, layer_class_for, plain_module
-from lorakit.core.layers.linear import linear_dims
-from lorakit.errors import LorakitError
+from lorakit.core.layers import LoraEmbedding, LoraLinear, adapter_copy
 from lorakit.files.atomic import replace_folder
+from lorakit.files.errors import AdapterError
+from lorakit.files.fingerprint import (  # noqa: F401  (FINGERPRINT_ATTR, fingerprint_sample, base_fingerprint: public here)
+    FINGERPRINT_ATTR,
+    FINGERPRINT_KEY,
+    base_fingerprint,
+    fingerprint_sample,
+    model_fingerprint,
+)
+from lorakit.files.plan import LoadPlan, check_fingerprint, internal_name, plan_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-FINGERPRINT_KEY = "lorakit_base_fingerprint"
 _ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
-
-
-class AdapterError(LorakitError):
-    """An adapter folder cannot be saved or loaded; the message says why and what to do."""
-
-
-# --- fingerprint -------------------------------------------------------------------------------
-FingerprintSource = torch.Tensor | tuple[tuple[int, ...], torch.Tensor]
-
-
-def fingerprint_sample(weight: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
-    """A weight's shape and 16 evenly spaced entries rounded to bfloat16 (as int16 bits)."""
-    flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
-    return tuple(weight.shape), flat[index].float().to(torch.bfloat16).view(torch.int16).cpu()
-
-
-def base_fingerprint(weights: dict[str, FingerprintSource]) -> str:
-    """A short hash of the adapted modules' names, shapes and 16 sampled weights each.
-
-    Samples are rounded to bfloat16 first, so the same base loaded in fp32, fp16 or bf16
-    gives the same fingerprint while a different base (or architecture) does not. A value may
-    be a precomputed `fingerprint_sample` (a quantized layer keeps the one of its fp32 weight).
-    """
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        source = weights[name]
-        shape, sample = source if isinstance(source, tuple) else fingerprint_sample(source)
-        digest.update(f"{name}{shape}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-# A quantized base layer carries the fingerprint sample of the full-precision weight it was
-# made from, so an adapter trained on the 4-bit base also loads on the original model.
-FINGERPRINT_ATTR = "lorakit_fingerprint_sample"
-
-
-def _target_weights(targets: list[tuple[str, nn.Module]]) -> dict[str, FingerprintSource]:
-    sources: dict[str, FingerprintSource] = {}
-    for name, module in targets:
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        recorded = getattr(base, FINGERPRINT_ATTR, None)
-        if recorded is not None:
-            sources[name] = recorded
-        else:
-            sources[name] = module.original_weight() if isinstance(module, LoraLayer) else module.weight
-    return sources
 
 
 # --- save --------------------------------------------------------------------------------------
@@ -140,7 +97,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     # Exact-name entries first: PEFT uses the first pattern that matches.
     peft_config["rank_pattern"] = {**rank_pattern, **config.rank_pattern}
     peft_config["alpha_pattern"] = {**alpha_pattern, **config.alpha_pattern}
-    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(_target_weights(targets))}
+    metadata = {"format": "pt", FINGERPRINT_KEY: model_fingerprint(targets)}
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return write_adapter_folder(path, peft_config, plain, metadata)
 
@@ -278,135 +235,31 @@ def load_adapter(
     error the model is left exactly as it was. `force` skips the base-fingerprint check;
     `trainable=False` (the default) freezes the whole model for inference, as PEFT does."""
     config, tensors, metadata = read_adapter(path)
-    assignments, targets = _plan_load(model, config, tensors, path)
-    expected = metadata.get(FINGERPRINT_KEY)
-    if expected and not force:
-        actual = base_fingerprint(_target_weights(targets))
-        if actual != expected:
-            raise AdapterError(
-                f"{path} was made for a different base model (fingerprint {expected} != {actual} "
-                "of this model's adapted weights); load the base it was trained on, or pass force=True"
-            )
+    plan = plan_adapter(config, tensors, model, source=str(path))
+    check_fingerprint(plan.targets, metadata, str(path), force=force)
     inject(model, config, adapter_name)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
-    layers = dict(lora_layers(model))
-    with torch.no_grad():
-        for module_name, part, tensor in assignments:
-            target = _destination(model, params, layers, adapter_name, module_name, part)
-            if not module_name:  # a base bias or embedding table: unload / disable put it back
-                stash_base_values(model, [target])
-            target.copy_(tensor.to(target.dtype))
+    _apply_plan(model, plan, adapter_name)
     if not trainable:  # inference use, as PEFT's from_pretrained: nothing trains
         model.requires_grad_(False)
     return model
 
 
-def _destination(model, params, layers, adapter_name: str, module_name: str, part: str) -> torch.Tensor:
-    """The tensor an adapter file's tensor is copied into (planned by _plan_load)."""
-    if part in ("A", "B"):
-        return (layers[module_name].lora_A if part == "A" else layers[module_name].lora_B)[adapter_name]
-    if part == "M":  # DoRA magnitude
-        return layers[module_name].lora_magnitude_vector[adapter_name]
-    if part.startswith(_SAVED):  # the adapter's own copy of a saved module
-        return model.get_submodule(module_name).modules_to_save[adapter_name].get_parameter(part.removeprefix(_SAVED))
-    return params[_internal_name(params, part)]
-
-
-_SAVED = "saved:"
-
-
-def _internal_name(params: dict[str, nn.Parameter], name: str) -> str:
-    """A PEFT parameter name as named in this model (wrapped in LoRA layers or not)."""
-    if name in params:
-        return name
-    bare = name.replace(".base_layer.", ".")
-    if bare in params:
-        return bare
-    head, _, leaf = name.rpartition(".")
-    return f"{head}.base_layer.{leaf}"
-
-
-def _embedding_keys(model: nn.Module) -> set[str]:
-    """`<module>.weight` of the input and output embeddings: PEFT saves these tables in full
-    under their plain names with save_embedding_layers=True (its default after a vocab resize)."""
-    tables = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            tables.append(getattr(model, getter)())
-        except (AttributeError, NotImplementedError):
-            continue
-    keys = set()
-    for name, module in walk(model):
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if name and any(base is t for t in tables if t is not None):
-            keys.add(f"{name}.weight")
-    return keys
-
-
-def _base_key_problem(key: str, exists: bool, config: LoraConfig, targets: set[str], tables: set[str]) -> str:
-    """Why a key that is no LoRA tensor and no saved module may not load ("" when it may):
-    only the biases the config trains and PEFT's full embedding tables may address base weights."""
-    if not exists:
-        return "no such parameter in this model"
-    plain = key.replace(".base_layer.", ".")
-    if plain in tables:
-        return ""
-    module, _, leaf = plain.rpartition(".")
-    if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in targets)):
-        return ""
-    if leaf == "bias":
-        return f"a base bias, but the adapter's bias={config.bias!r} trains none there"
-    return "it addresses a base weight: lorakit never overwrites the base model"
-
-
-def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path):
-    """Match every tensor to its place and check shapes and values; raise once, listing all."""
-    try:
-        targets = find_targets(model, config)
-        keep = find_modules_to_save(model, config)
-    except TargetError as err:
-        raise AdapterError(f"{path} does not fit {type(model).__name__} (made for another model?): {err}") from None
-    expected: dict[str, tuple[tuple[str, str], tuple[int, ...]]] = {}
-    for name, module in targets:
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        options = module.adapter_options() if isinstance(module, LoraLayer) else {}
-        cls = layer_class_for(module)
-        # A fused layer already in the model keeps its fused shapes, so a file (which holds
-        # the plain equivalent) is refused by the shape check below, before anything changes.
-        shape_A, shape_B = cls.adapter_shapes(base, config.rank_for(name), **options)
-        embedding = cls is LoraEmbedding
-        suffix = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-        expected[f"{name}.{suffix[0]}"] = ((name, "A"), shape_A)
-        expected[f"{name}.{suffix[1]}"] = ((name, "B"), shape_B)
-        if config.use_dora and not embedding:
-            expected[f"{name}.lora_magnitude_vector"] = ((name, "M"), (linear_dims(base)[1],))
+@torch.no_grad()
+def _apply_plan(model: nn.Module, plan: LoadPlan, adapter_name: str) -> None:
+    """Copy the plan's tensors into adapter `adapter_name` (already injected) and, for trained
+    biases and PEFT's embedding tables, into the base, stashing those base values first so
+    unload / disable put them back."""
+    layers = dict(lora_layers(model))
+    copies = []
+    for name, entry in plan.layers.items():
+        layer = layers[name]
+        copies += [(layer.lora_A[adapter_name], entry.A), (layer.lora_B[adapter_name], entry.B)]
+        copies += [(getattr(layer, suffix)[adapter_name], t) for suffix, t in entry.variant_tensors.items()]
+    for name, values in plan.saved.items():  # the adapter's own copy of a saved module
+        own = model.get_submodule(name).modules_to_save[adapter_name]
+        copies += [(own.get_parameter(pname), t) for pname, t in values.items()]
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head)
-    tables = _embedding_keys(model)
-    for name, module in keep:
-        for pname, param in plain_module(module).named_parameters():
-            expected[f"{name}.{pname}"] = ((name, _SAVED + pname), tuple(param.shape))
-    problems, assignments = [], []
-    target_names = {n for n, _ in targets}
-    for key, tensor in tensors.items():
-        if key in expected:
-            (module_name, part), shape = expected.pop(key)
-        else:
-            internal = _internal_name(params, key)  # trained biases, or PEFT's saved embeddings
-            why = _base_key_problem(key, internal in params, config, target_names, tables)
-            if why:
-                problems.append(f"unexpected key {key} ({why})")
-                continue
-            module_name, part, shape = "", key, tuple(params[internal].shape)
-        if tuple(tensor.shape) != tuple(shape):
-            problems.append(f"{key} has shape {tuple(tensor.shape)}, the model needs {tuple(shape)}")
-        elif not tensor.is_floating_point():
-            problems.append(f"{key} has dtype {tensor.dtype}, expected a floating-point tensor")
-        elif not torch.isfinite(tensor).all():
-            problems.append(f"{key} contains NaN or Inf values")
-        else:
-            assignments.append((module_name, part, tensor))
-    problems += [f"missing key {key}" for key in expected]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise AdapterError(f"{path} does not fit {type(model).__name__}: {shown}")
-    return assignments, targets
+    bases = [(params[internal_name(params, key)], t) for key, t in plan.extras.items()]
+    stash_base_values(model, [target for target, _ in bases])
+    for target, tensor in copies + bases:
+        target.copy_(tensor.to(target.dtype))

@@ -31,7 +31,8 @@ from lorakit.core.functional import add_lora_rows
 from lorakit.core.inject import find_targets, walk
 from lorakit.core.layers import LoraLayer, is_linear
 from lorakit.core.layers.linear import linear_dims
-from lorakit.files.peft_format import FINGERPRINT_KEY, AdapterError, base_fingerprint, read_adapter
+from lorakit.files.peft_format import AdapterError, read_adapter
+from lorakit.files.plan import LoadPlan, check_fingerprint, is_dora_file, plan_adapter
 
 
 class UnknownAdapterError(AdapterError):
@@ -60,8 +61,11 @@ class _Target:
         self.rank = 0  # the largest rank resident here: the matmuls use only A[:, :rank]
         self.cache: tuple | None = None  # (key, A rows, Bt rows) of the last batch seen
         weight = module.weight
-        module.register_buffer("lorakit_multi_A", weight.new_zeros(slots + 1, max_rank, self.d_in), persistent=False)
-        module.register_buffer("lorakit_multi_Bt", weight.new_zeros(slots + 1, max_rank, self.d_out), persistent=False)
+        # A 4-bit base stores packed uint8 codes: the adapters use the dtype it computes in.
+        dtype = weight.dtype if weight.is_floating_point() else getattr(module, "compute_dtype", None) or torch.float32
+        for buffer, d in (("lorakit_multi_A", self.d_in), ("lorakit_multi_Bt", self.d_out)):
+            zeros = torch.zeros(slots + 1, max_rank, d, dtype=dtype, device=weight.device)
+            module.register_buffer(buffer, zeros, persistent=False)
 
 
 class _Head:
@@ -219,74 +223,48 @@ class MultiLoraModel:
     # --- loading ------------------------------------------------------------------------------
     def prepare(self, path: str | Path, *, force: bool = False) -> AdapterPlan:
         """Read and check an adapter folder against this model; raise AdapterError listing every
-        problem. Nothing changes. `force` skips the base-fingerprint check."""
+        problem. Nothing changes. `force` skips the base-fingerprint check.
+
+        The file is parsed as `load_adapter` parses it (`plan_adapter`: the config's
+        target_modules, every key, shape and value, the fingerprint); then come the limits of
+        mixed batches: plain LoRA on hooked linear layers up to max_rank, nn.Linear heads, and
+        nothing that changes the shared base."""
         config, tensors, metadata = read_adapter(path)
         # DoRA rescales W + dW per output: not a gathered low-rank add (config flag or saved magnitudes)
-        if getattr(config, "use_dora", False) or any("lora_magnitude_vector" in key for key in tensors):
+        if is_dora_file(config, tensors):
             raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
-        plan, problems = AdapterPlan(Path(path)), []
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        heads = dict(walk(self.model))
-        for key, tensor in tensors.items():
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                problems.append(f"{key} is not a finite floating-point tensor")
-                continue
-            for part in ("A", "B"):
-                if key.endswith(f".lora_{part}.weight"):
-                    pairs.setdefault(key.removesuffix(f".lora_{part}.weight"), {})[part] = tensor
-                    break
-            else:
-                if ".lora_embedding_" in key:
-                    problems.append(f"{key}: LoRA on embeddings is not supported in mixed batches")
-                    continue
-                module_name, _, pname = key.rpartition(".")
-                module = heads.get(module_name)
-                saved = config.modules_to_save or []
-                if module is None or not any(module_name == s or module_name.endswith("." + s) for s in saved):
-                    problems.append(
-                        f"unexpected key {key} (adapters that change base weights or biases outside "
-                        "modules_to_save cannot share a base in mixed batches)"
-                    )
-                elif not isinstance(module, nn.Linear) or pname not in ("weight", "bias"):
-                    problems.append(f"{key}: only nn.Linear heads can be swapped per row (got {type(module).__name__})")
-                elif getattr(module, pname) is None or tuple(getattr(module, pname).shape) != tuple(tensor.shape):
-                    problems.append(f"{key} has shape {tuple(tensor.shape)}, the model's {module_name}.{pname} differs")
-                else:
-                    plan.heads.setdefault(module_name, {})[pname] = tensor
-        for name, pair in pairs.items():
-            target = self.targets.get(name)
-            if target is None:
+        plan = plan_adapter(config, tensors, self.model, source=str(path), strict=False)
+        error = plan.failure(f"{path} cannot be served here", self._serve_problems(plan))
+        if error is not None:
+            raise error
+        check_fingerprint(plan.targets, metadata, str(path), force=force, remedy="serve the base it was trained on")
+        layers = {n: (e.A, e.B, e.scaling) for n, e in plan.layers.items()}
+        return AdapterPlan(Path(path), layers=layers, heads=plan.saved)
+
+    def _serve_problems(self, plan: LoadPlan) -> list[str]:
+        """What a valid adapter may not do in mixed batches over this hooked base."""
+        problems = []
+        for name, entry in plan.layers.items():
+            if entry.kind == "embedding":
+                problems.append(f"{name}: LoRA on embeddings is not supported in mixed batches")
+            elif name not in self.targets:
                 problems.append(f"{name} is adapted but not hooked here; construct MultiLoraModel with it targeted")
-            elif set(pair) != {"A", "B"}:
-                problems.append(f"{name}: lora_{'B' if 'A' in pair else 'A'}.weight is missing")
-            else:
-                A, B = pair["A"], pair["B"]
-                r = A.shape[0]
-                if A.dim() != 2 or B.dim() != 2 or A.shape[1] != target.d_in or tuple(B.shape) != (target.d_out, r):
-                    problems.append(
-                        f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
-                        f"({target.d_out} x {target.d_in}) with one rank"
-                    )
-                elif r > self.max_rank:
-                    problems.append(f"{name}: rank {r} exceeds max_rank={self.max_rank}; construct with a larger one")
-                elif r != config.rank_for(name):
-                    problems.append(f"{name}: rank {r} disagrees with the config's {config.rank_for(name)}")
-                else:
-                    plan.layers[name] = (A, B, config.scaling_for(name))
-        if problems:
-            shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
-            raise AdapterError(f"{path} cannot be served here: {shown}")
-        if not plan.layers and not plan.heads:
-            raise AdapterError(f"{path} holds no LoRA weights for this model")
-        expected = metadata.get(FINGERPRINT_KEY)
-        if expected and not force:
-            actual = base_fingerprint({n: self.targets[n].module.weight for n in plan.layers})
-            if actual != expected:
-                raise AdapterError(
-                    f"{path} was made for a different base model (fingerprint {expected} != {actual}); "
-                    "serve the base it was trained on, or pass force=True"
+            elif entry.rank > self.max_rank:
+                problems.append(
+                    f"{name}: rank {entry.rank} exceeds max_rank={self.max_rank}; construct with a larger one"
                 )
-        return plan
+        modules = dict(walk(self.model))
+        for name in plan.saved:
+            if not isinstance(modules[name], nn.Linear):
+                problems.append(
+                    f"{name}: only nn.Linear heads can be swapped per row (got {type(modules[name]).__name__})"
+                )
+        problems += [
+            f"unexpected key {key} (adapters that change base weights or biases outside "
+            "modules_to_save cannot share a base in mixed batches)"
+            for key in plan.extras
+        ]
+        return problems
 
     def load(self, name: str, path: str | Path, *, force: bool = False) -> None:
         """Load the PEFT/lorakit adapter folder `path` into a free slot as `name`.
