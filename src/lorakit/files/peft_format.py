@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lorakit import hf
 from lorakit.core.config import ConfigError, LoraConfig
 from lorakit.core.inject import (
     TargetError,
@@ -128,26 +129,15 @@ def _base_name(model: nn.Module) -> str | None:
 
 
 def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    for marker, task in (
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("LMHeadModel", "CAUSAL_LM"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ):
-        if marker in name:
-            return task
-    return None
+    return hf.peft_task_type(model)
 
 
 # PEFT's model classes for these tasks always add their heads to modules_to_save and fail to
 # load a file without them. Saving the (frozen) head also keeps the adapter right on a base
 # whose head is freshly (randomly) initialised, as from_pretrained does for a new head.
 _TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
+    "SEQ_CLS": hf.CLASSIFIER_HEADS,
+    "TOKEN_CLS": hf.CLASSIFIER_HEADS,
     "QUESTION_ANS": ("qa_outputs",),
 }
 

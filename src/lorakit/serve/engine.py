@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from lorakit import hf
 from lorakit.serve.kv_batch import KVBatch, Row, zero_padding
 from lorakit.serve.request import Completion, GenerationRequest, RequestError, SamplingParams, pick_token
 
@@ -387,11 +388,7 @@ def _vocab_size(model: torch.nn.Module) -> int | None:
 
 def _context_length(config: Any) -> int:
     """The longest sequence the model's positions cover (2048 when the config names none)."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+    return hf.context_length(config) or 2048
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

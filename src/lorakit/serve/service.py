@@ -16,6 +16,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from lorakit import hf
 from lorakit.errors import LorakitError
 from lorakit.serve.auth import Grant, find_grant
 from lorakit.serve.batched import NoFreeSlotError
@@ -28,12 +29,13 @@ CLASSIFIER_ONLY = "this base model is a classifier: use POST /v1/classify"
 
 def is_sequence_classifier(model: Any) -> bool:
     """Whether the base answers /v1/classify (a ...ForSequenceClassification) rather than generating."""
-    return "ForSequenceClassification" in type(model).__name__
+    return hf.model_task(model) == hf.CLASSIFY
 
 
-def tokenizer_max_length(tokenizer: Any) -> int:
-    """The longest input the tokenizer declares (512 when it says nothing)."""
-    return getattr(tokenizer, "model_max_length", 512)
+def input_limit(model: Any, tokenizer: Any) -> int:
+    """The longest input the classifier takes: its positions and its tokenizer's limit, the
+    smaller (512 when neither says)."""
+    return hf.context_length(getattr(model, "config", None), tokenizer) or 512
 
 
 class ServeService:
@@ -186,7 +188,8 @@ class ServeService:
             raise APIError(400, str(err), param="model") from None
 
     def _class_probabilities(self, adapter: str | None, texts: list[str]) -> torch.Tensor:
-        multi, limit = self.multi, tokenizer_max_length(self.tokenizer)
+        multi = self.multi
+        limit = input_limit(multi.model, self.tokenizer)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=min(limit, 4096), return_tensors="pt")
         device = next(multi.model.parameters()).device
         if self.registry is not None:
