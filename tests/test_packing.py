@@ -24,7 +24,9 @@ def _examples(lengths=LENGTHS, seed=0) -> list[Example]:
     examples = []
     for n in lengths:
         ids = torch.randint(1, 100, (n,), generator=generator).tolist()
-        labels = [t if k % 3 else IGNORE_INDEX for k, t in enumerate(ids)]  # some prompt tokens, as in chat data
+        # Some tokens ignored, as prompt tokens are in chat data; the first is learned, so that
+        # packing must ignore it (else it would be predicted from the previous example).
+        labels = [IGNORE_INDEX if k % 3 == 1 else t for k, t in enumerate(ids)]
         examples.append(Example(ids, labels))
     return examples
 
