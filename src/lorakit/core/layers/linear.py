@@ -122,7 +122,10 @@ class LoraLinear(LoraLayer):
         it per call costs little on a CPU, but on a GPU the extra launch per layer dominates
         small batches. The price is one merged copy of each adapted weight.
         """
-        tensors = [self.base_layer.weight] + [t for n in names for t in self.adapter_parameters(n)]
+        tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        for n in names:  # a variant's extras (DoRA's magnitude); plain LoRA skips the call
+            if self.variants[n].extra_parameters:
+                tensors += self.variants[n].parameters_of(self, n)
         key = (tuple(names), tuple(self.scaling[n] for n in names), tuple((t.data_ptr(), t._version) for t in tensors))
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.merged_weight(names))
