@@ -15,7 +15,7 @@ def test_merged_lora_linear_gradcheck():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: LF.MergedLoraLinear.apply(*t, 0.7), (x, W, b, A, B))
+    assert torch.autograd.gradcheck(lambda *t: LF.FusedLoraMatmul.apply(*t, 0.7), (x, W, b, A, B))
 
 
 @pytest.mark.parametrize("tokens", [2, 64])  # the factored path, then the merged-weight function

@@ -7,15 +7,8 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from lorakit.core.inject import (
-    BASE_VALUES_ATTR,
-    CONFIGS_ATTR,
-    adapter_configs,
-    lora_layers,
-    reapply_values,
-    saved_modules,
-    swap_base_values,
-)
+from lorakit.core.inject import lora_layers, reapply_values, saved_modules, swap_base_values
+from lorakit.core.registry import adapter_configs, forget_adapter_configs, forget_base_values
 
 
 def _layers_or_fail(model: nn.Module):
@@ -111,8 +104,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         model.set_submodule(name, layer.base_layer)
     for name, saved in saved_modules(model):  # the active adapter's copy takes the original's place
         model.set_submodule(name, saved.current())
-    model.__dict__.pop(CONFIGS_ATTR, None)
-    model.__dict__.pop(BASE_VALUES_ATTR, None)  # the adapter's biases / tables are the new base
+    forget_adapter_configs(model)
+    forget_base_values(model)  # the adapter's biases / tables are the new base
     return model
 
 
@@ -125,5 +118,5 @@ def unload(model: nn.Module) -> nn.Module:
         model.set_submodule(name, layer.base_layer)
     for name, saved in saved_modules(model):
         model.set_submodule(name, saved.original_module)
-    model.__dict__.pop(CONFIGS_ATTR, None)
+    forget_adapter_configs(model)
     return model

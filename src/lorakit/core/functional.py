@@ -80,8 +80,10 @@ def conv_delta_loralib(A: torch.Tensor, B: torch.Tensor, scale: float, weight_sh
     return (B @ A).view(weight_shape) * scale
 
 
-class MergedLoraLinear(torch.autograd.Function):
+class FusedLoraMatmul(torch.autograd.Function):
     """y = x @ (W + scale * B @ A).T + bias, with gradients for x, A, B and bias only.
+
+    (An autograd function, not a layer: not to be confused with compat.loralib.MergedLinear.)
 
     For a frozen W this is LoRA with the fewest passes over the (tokens, d) activations:
     the forward is one matmul with the merged weight plus x @ A.T (kept for B's gradient);
@@ -119,6 +121,9 @@ class MergedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_B = torch.mm(h.t(), g).t().mul_(ctx.scale)
         return grad_x, None, grad_bias, grad_A, grad_B, None
+
+
+MergedLoraLinear = FusedLoraMatmul  # the old name, for benchmarks/device_check.py until it is updated
 
 
 def add_lora_rows(result: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:

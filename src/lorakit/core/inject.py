@@ -19,12 +19,19 @@ from lorakit.core.layers import (
     is_linear,
     layer_class_for,
 )
+from lorakit.core.registry import (  # CONFIGS_ATTR, BASE_VALUES_ATTR, adapter_configs: re-exported
+    BASE_VALUES_ATTR,  # noqa: F401
+    CONFIGS_ATTR,  # noqa: F401
+    adapter_configs,  # noqa: F401
+    base_values,
+    forget_base_values,
+    set_adapter_config,
+)
 from lorakit.errors import LorakitError
+from lorakit.variants.registry import variant_for
 
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
-CONFIGS_ATTR = "_lorakit_configs"
-BASE_VALUES_ATTR = "_lorakit_base_values"  # [(base parameter, its value before any adapter)]
 
 
 class TargetError(LorakitError):
@@ -51,11 +58,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 def saved_modules(model: nn.Module) -> list[tuple[str, SavedModule]]:
     """Every module saved in full (modules_to_save) with its name."""
     return [(n, m) for n, m in walk(model) if isinstance(m, SavedModule)]
-
-
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The configs of the adapters injected into `model`, by adapter name."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
 
 
 def _suffix_match(name: str, keys: list[str]) -> bool:
@@ -143,13 +145,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     layers where needed), make it the active, trainable adapter, and return the model."""
     targets = find_targets(model, config)
     keep = find_modules_to_save(model, config)
-    not_linear = [n for n, m in targets if not is_linear(m)] if config.use_dora else []
-    if not_linear:  # checked before any module changes
-        raise TargetError(f"use_dora: DoRA adapts linear layers only, not {', '.join(not_linear[:5])}; exclude them")
+    variant = variant_for(config)
+    not_linear = [n for n, m in targets if not is_linear(m)] if variant.extra_parameters else []
+    if not_linear:  # checked before any module changes (only linear layers hold a variant's extras)
+        raise TargetError(
+            f"{variant.config_flag}: {variant.label} adapts linear layers only, not {', '.join(not_linear[:5])}; "
+            "exclude them"
+        )
     for name, module in targets:
         layer = module if isinstance(module, LoraLayer) else _wrap(module, name, config)
         layer.add_adapter(
-            adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init, config.use_dora
+            adapter_name, config.rank_for(name), config.scaling_for(name), config.dropout, config.init, variant=variant
         )
         if layer is not module:
             layer.train(module.training)  # follow the replaced module: no dropout in an eval model
@@ -160,7 +166,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         copies.append(wrapper.add_adapter(adapter_name))
         if wrapper is not module:
             model.set_submodule(name, wrapper)
-    adapter_configs(model)[adapter_name] = config
+    set_adapter_config(model, adapter_name, config)
     for _, layer in lora_layers(model):  # the new adapter becomes the only active one
         layer.set_adapter([adapter_name] if adapter_name in layer.lora_A else [])
     for _, wrapper in saved_modules(model):
@@ -178,11 +184,8 @@ def mark_trainable(
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].requires_grad_(True)
-            layer.lora_B[adapter_name].requires_grad_(True)
-            magnitudes = getattr(layer, "lora_magnitude_vector", {})  # DoRA
-            if adapter_name in magnitudes:
-                magnitudes[adapter_name].requires_grad_(True)
+            for param in layer.adapter_parameters(adapter_name):  # A, B and the variant's (DoRA's m)
+                param.requires_grad_(True)
             if bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if bias == "all":
@@ -198,7 +201,7 @@ def stash_base_values(model: nn.Module, params: list[torch.Tensor]) -> None:
     """Remember the present values of base parameters an adapter is about to change in place
     (trained biases, PEFT's full embedding tables), once each, so unload / disable_adapters
     can put the exact base back."""
-    stash = model.__dict__.setdefault(BASE_VALUES_ATTR, [])
+    stash = base_values(model, create=True)
     known = {id(p) for p, _ in stash}
     for param in params:
         if id(param) not in known:
@@ -210,20 +213,20 @@ def stash_base_values(model: nn.Module, params: list[torch.Tensor]) -> None:
 def swap_base_values(model: nn.Module, restore: bool = True) -> list[torch.Tensor]:
     """Put the stashed base values back; returns the values they replaced (for a swap back).
     With restore=True the stash is dropped: the base owns those values again."""
-    stash = model.__dict__.get(BASE_VALUES_ATTR, [])
+    stash = base_values(model)
     replaced = []
     for param, original in stash:
         replaced.append(param.detach().clone())
         param.copy_(original)
     if restore:
-        model.__dict__.pop(BASE_VALUES_ATTR, None)
+        forget_base_values(model)
     return replaced
 
 
 @torch.no_grad()
 def reapply_values(model: nn.Module, values: list[torch.Tensor]) -> None:
     """Undo swap_base_values(restore=False) with the values it returned."""
-    for (param, _), value in zip(model.__dict__.get(BASE_VALUES_ATTR, []), values, strict=True):
+    for (param, _), value in zip(base_values(model), values, strict=True):
         param.copy_(value)
 
 

@@ -39,6 +39,8 @@ from lorakit.files.peft_format import (
     write_adapter_folder,
 )
 from lorakit.tools.extract import low_rank_factors
+from lorakit.variants.base import LORA
+from lorakit.variants.registry import file_variant
 
 METHODS = ("linear", "cat", "svd")
 _FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
@@ -57,8 +59,9 @@ class _Adapter:
 def _read(path: str | os.PathLike) -> _Adapter:
     config, tensors, metadata = read_adapter(path)
     raw = json.loads((Path(path) / CONFIG_NAME).read_text(encoding="utf-8"))
-    if raw.get("use_dora") or any("lora_magnitude_vector" in k for k in tensors):
-        raise AdapterError(f"{path} is a DoRA adapter; combine works on plain LoRA adapters only")
+    variant = file_variant(config, tensors)
+    if variant is not LORA:
+        raise AdapterError(f"{path} is a {variant.label} adapter; combine works on plain LoRA adapters only")
     factors, full = {}, dict(tensors)
     for key in tensors:
         for a_suffix, b_suffix in _FACTOR_SUFFIXES:

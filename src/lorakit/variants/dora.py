@@ -1,4 +1,5 @@
-"""DoRA (weight-decomposed LoRA, Liu et al. 2024) as a strategy the linear LoRA layer calls.
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024): its maths and `DORA`, the LoraVariant
+(variants/base.py) a linear LoRA layer holds for each DoRA adapter.
 
 For W' = W0 + s B A (in the (out, in) layout) the layer computes
 
@@ -25,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.core import functional as LF
 from lorakit.errors import LorakitError
+from lorakit.variants.base import LoraVariant
 
 
 class DoraError(LorakitError):
@@ -85,26 +86,56 @@ def delta_weight(layer, name: str) -> torch.Tensor:
     return delta.t() if layer.fan_in_fan_out else delta
 
 
-def reference_forward(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """The layer's output with the unmerged adapters `names`, at least one of them DoRA: PEFT's
-    maths with autograd (dropout, several adapters, mixed dtypes, autocast). LoraLinear runs
-    merged inference and DoraLinearFunction itself where they apply."""
-    result = layer.base_layer(x)
+def add_output(layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """result + DoRA adapter `name`'s term (m/n - 1) * W0 x + m/n * s B A x for the
+    (dropped-out) input x: PEFT's maths with autograd (dropout, several adapters, mixed
+    dtypes, autocast), the norm a constant."""
+    A, B, scale = layer.lora_A[name], layer.full_B(name), layer.scaling[name]
     w0 = _w0(layer)
-    for name in names:
-        A, B, scale = layer.lora_A[name], layer.full_B(name), layer.scaling[name]
-        p = layer.dropout_p[name]
-        x_in = F.dropout(x, p, training=True) if p and layer.training else x
-        if not is_dora(layer, name):
-            result = LF.add_lora_linear(result, x_in, A, B, scale)
-            continue
-        with torch.no_grad():
-            norm = row_norm(adapted_weight(layer, name, w0))
-        g = layer.lora_magnitude_vector[name] / norm
-        base = F.linear(x_in.to(A.dtype), w0.to(A.dtype))
-        lora = F.linear(F.linear(x_in.to(A.dtype), A), B) * scale
-        result = result + ((g - 1) * base + g * lora).to(result.dtype)
-    return result
+    with torch.no_grad():
+        norm = row_norm(adapted_weight(layer, name, w0))
+    g = layer.lora_magnitude_vector[name] / norm
+    base = F.linear(x.to(A.dtype), w0.to(A.dtype))
+    lora = F.linear(F.linear(x.to(A.dtype), A), B) * scale
+    return result + ((g - 1) * base + g * lora).to(result.dtype)
+
+
+class DoraVariant(LoraVariant):
+    """DoRA as a LoraVariant: one learned magnitude per output, saved as PEFT's
+    `<module>.lora_magnitude_vector`; not a low-rank add, so no batched form."""
+
+    name, label, config_flag = "dora", "DoRA", "use_dora"
+    extra_parameters = {"lora_magnitude_vector": ".lora_magnitude_vector"}
+
+    def check_supported(self, layer) -> None:
+        check_supported(layer)
+
+    def init_parameters(self, layer, name: str) -> None:
+        init_magnitude(layer, name)
+
+    def delta_weight(self, layer, name: str) -> torch.Tensor:
+        return delta_weight(layer, name)
+
+    def add_to_weight(self, layer, weight: torch.Tensor, name: str) -> torch.Tensor:
+        return weight + delta_weight(layer, name).to(weight.dtype)
+
+    def add_output(self, layer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return add_output(layer, result, x, name)
+
+    def has_fused_train(self, layer) -> bool:
+        return True  # DoraLinearFunction takes the dense (block-structured) B of fused layers too
+
+    def fused_train_forward(self, layer, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = layer.base_layer.weight
+        weight = weight.t() if layer.fan_in_fan_out else weight
+        A, B, magnitude = layer.lora_A[name], layer.full_B(name), layer.lora_magnitude_vector[name]
+        return DoraLinearFunction.apply(x, weight, layer.base_layer.bias, A, B, magnitude, layer.scaling[name])
+
+    def batched_factors(self, layer, name: str) -> None:
+        return None
+
+
+DORA = DoraVariant()
 
 
 class DoraLinearFunction(torch.autograd.Function):

@@ -1,4 +1,5 @@
-"""PiSSA adapters for the original base: conversion to a plain LoRA file.
+"""PiSSA CONVERSION: a trained PiSSA adapter as a plain LoRA file for the original base.
+(The initialisation itself is variants/pissa_init.py.)
 
 A PiSSA adapter (LoraConfig(init="pissa")) trains against the residual base W_res = W0 - s B0 A0,
 so its file is useless to someone holding the unmodified W0 (PEFT, vLLM, another lorakit).
@@ -28,7 +29,7 @@ from lorakit.core.inject import adapter_configs, lora_layers
 from lorakit.core.layers import LoraLinear
 from lorakit.errors import UsageError
 from lorakit.files.peft_format import read_adapter, save_adapter
-from lorakit.variants import dora
+from lorakit.variants.base import LORA
 
 
 def doubled_rank_config(config: LoraConfig) -> LoraConfig:
@@ -68,7 +69,7 @@ def initial_factors(
                 )
             found[name] = (A0, B0)
         return found
-    missing = [n for n, m in layers if adapter_name not in m.__dict__.get("pissa_initial", {})]
+    missing = [n for n, m in layers if adapter_name not in getattr(m, "pissa_initial", {})]
     if missing:
         raise UsageError(
             f"adapter {adapter_name!r} was not initialised with PiSSA in this process ({missing[0]} has no initial "
@@ -87,7 +88,7 @@ def _as_plain_lora(model: nn.Module, adapter_name: str, factors: dict[str, tuple
     try:
         for name, (A0, B0) in factors.items():
             layer = layers[name]
-            if not isinstance(layer, LoraLinear) or dora.is_dora(layer, adapter_name) or layer.merged:
+            if not isinstance(layer, LoraLinear) or layer.variants[adapter_name] is not LORA or layer.merged:
                 raise UsageError(
                     f"{name}: only unmerged plain (non-DoRA) linear PiSSA adapters convert to LoRA; unmerge first"
                 )
@@ -110,7 +111,7 @@ def _as_plain_lora(model: nn.Module, adapter_name: str, factors: dict[str, tuple
         for layer, A, B, weight, rank in saved:
             layer.lora_A[adapter_name], layer.lora_B[adapter_name] = A, B
             layer.base_layer.weight, layer.rank[adapter_name] = weight, rank
-            layer._refresh()
+            layer.refresh_caches()
 
 
 def save_pissa_as_lora(

@@ -10,15 +10,28 @@ peft/tuners/lora/layer.py), so the same W0 and rank give the same A0, B0.
 "pissa_niter_<N>" uses torch.svd_lowrank (randomized, N subspace iterations): much faster
 on large weights, near the exact factors when the spectrum decays.
 
-The initial factors are kept on the layer (`pissa_initial`), so the trained adapter can be
-turned into a plain LoRA for the ORIGINAL base (lorakit.variants.pissa_convert.pissa_to_lora).
+This module only INITIALISES. The initial factors are kept on the layer
+(`layer.pissa_initial[name]`, a PissaFactors), so that lorakit.variants.pissa_convert can later
+CONVERT the trained adapter into a plain LoRA for the ORIGINAL base (save_pissa_as_lora).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from lorakit.errors import LorakitError
+
+
+class PissaFactors(NamedTuple):
+    """The factors a PiSSA adapter started from: the frozen base holds W0 - s B0 A0, which
+    pissa_convert needs to express the trained adapter against W0 again. Kept in memory only
+    (not in the state dict); a later process reads them from the adapter saved right after
+    initialisation instead."""
+
+    A0: torch.Tensor  # (r, in)
+    B0: torch.Tensor  # (out, r)
 
 
 class PissaError(LorakitError):
@@ -71,5 +84,4 @@ def init_pissa(layer, name: str, init: str) -> None:
         residual = torch.addmm(dense, B, A, alpha=-scale)
         residual = residual.t() if layer.fan_in_fan_out else residual
         weight.copy_(residual.to(weight.dtype))
-    initial = layer.__dict__.setdefault("pissa_initial", {})
-    initial[name] = (layer.lora_A[name].detach().clone(), layer.lora_B[name].detach().clone())
+    layer.pissa_initial[name] = PissaFactors(layer.lora_A[name].detach().clone(), layer.lora_B[name].detach().clone())

@@ -213,7 +213,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     for name, module in list(walk(model)):
         if isinstance(module, LoraLayer) and is_quantized(module.base_layer):
             module.base_layer = _dense_copy(module.base_layer)
-            module._refresh()
+            module.refresh_caches()
         elif name and is_quantized(module):
             model.set_submodule(name, _dense_copy(module))
     return model

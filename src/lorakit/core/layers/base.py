@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import UsageError
-from lorakit.variants import dora
+from lorakit.variants.base import LORA, LoraVariant
+from lorakit.variants.registry import variant_named
 
 
 class LoraLayer(nn.Module):
@@ -34,6 +35,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.rank: dict[str, int] = {}
         self.dropout_p: dict[str, float] = {}
+        self.variants: dict[str, LoraVariant] = {}  # how each adapter computes (variants/base.py)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -72,12 +74,21 @@ class LoraLayer(nn.Module):
 
     # --- adapters ----------------------------------------------------------------------------
     def add_adapter(
-        self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming", use_dora: bool = False
+        self,
+        name: str,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        variant: str | LoraVariant | None = None,
     ) -> None:
         """Add (or replace) adapter `name` with rank r and the given scaling; it becomes active.
-        `use_dora` adds a DoRA magnitude (layers/dora.py; linear layers only)."""
-        if use_dora:
-            dora.check_supported(self)  # before anything changes
+        `variant` (a LoraVariant or its registered name) says how it computes; `use_dora=True`
+        is short for variant="dora" (variants/dora.py; linear layers only)."""
+        variant = variant_named("dora" if use_dora else "lora") if variant is None else variant
+        variant = variant_named(variant) if isinstance(variant, str) else variant
+        variant.check_supported(self)  # before anything changes
         if name in self.lora_A:
             self.delete_adapter(name)
         weight = self.weight
@@ -88,11 +99,11 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.empty(shape_B, dtype=dtype, device=weight.device))
         self.rank[name], self.scaling[name], self.dropout_p[name] = r, scale, float(dropout)
         self.reset_adapter(name, init)
-        if use_dora:
-            dora.init_magnitude(self, name)
+        self.variants[name] = variant
+        variant.init_parameters(self, name)
         if name not in self.active_adapters:
             self.active_adapters.append(name)
-        self._refresh()
+        self.refresh_caches()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if it is merged)."""
@@ -100,10 +111,11 @@ class LoraLayer(nn.Module):
             raise KeyError(f"adapter {name!r} not found; this layer has {list(self.lora_A)}")
         if name in self.merged_adapters:
             self.unmerge()
+        self.variants.pop(name, LORA).delete_parameters(self, name)
         del self.lora_A[name], self.lora_B[name]
         del self.rank[name], self.scaling[name], self.dropout_p[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
-        self._refresh()
+        self.refresh_caches()
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make `names` the active adapters (their outputs are summed)."""
@@ -114,11 +126,15 @@ class LoraLayer(nn.Module):
         if self.merged_adapters and set(self.merged_adapters) - set(names):
             self.unmerge()
         self.active_adapters = names
-        self._refresh()
+        self.refresh_caches()
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every trainable parameter of adapter `name`: A, B and its variant's extras."""
+        return [self.lora_A[name], self.lora_B[name], *self.variants[name].parameters_of(self, name)]
 
     # --- merge / unmerge / disable ----------------------------------------------------------
     @property
@@ -160,7 +176,7 @@ class LoraLayer(nn.Module):
             object.__setattr__(self, "_original_weight", current)
         self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
         self.merged_adapters += todo
-        self._refresh()
+        self.refresh_caches()
 
     def _apply(self, fn, recurse: bool = True):
         # The stashed unmerged weight is not registered, so .to() / .half() would miss it:
@@ -178,14 +194,14 @@ class LoraLayer(nn.Module):
         self.base_layer.weight = self._original_weight
         self._original_weight = None
         self.merged_adapters = []
-        self._refresh()
+        self.refresh_caches()
 
     def set_disabled(self, disabled: bool) -> None:
         """Disabled, the layer gives exactly the base output (merged adapters are unmerged)."""
         if disabled:
             self.unmerge()
         self.disabled = disabled
-        self._refresh()
+        self.refresh_caches()
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -196,7 +212,10 @@ class LoraLayer(nn.Module):
         finally:
             self.set_disabled(previous)
 
-    def _refresh(self) -> None:
+    def refresh_caches(self) -> None:
+        """Recompute what forward reads instead of re-deriving it per call (the pending adapter
+        list; subclasses add their caches). Call it after changing adapters, the merge state or
+        the base weight from outside the layer's own methods (e.g. swapping base_layer)."""
         self._pending = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def train(self, mode: bool = True) -> LoraLayer:

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.core import functional as LF
 from lorakit.core.layers.base import LoraLayer
-from lorakit.variants import dora
+from lorakit.core.layers.forward_path import ForwardPath, choose_forward_path
 from lorakit.variants import pissa_init as pissa
 
 
@@ -36,8 +36,9 @@ class LoraLinear(LoraLayer):
             )
         self.enable_lora = enable_lora
         self._weight_cache: tuple | None = None  # (key, merged weight) for unmerged inference
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA magnitudes by adapter (layers/dora.py)
-        self._dora_names: frozenset[str] = frozenset()  # its keys, kept by _refresh for a cheap forward test
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA magnitudes by adapter (variants/dora.py)
+        # PiSSA adapters' starting factors by adapter, for pissa_convert (variants/pissa_init.py).
+        self.pissa_initial: dict[str, pissa.PissaFactors] = {}
 
     @staticmethod
     def adapter_shapes(base: nn.Module, r: int, enable_lora: list[bool] | None = None):
@@ -68,59 +69,49 @@ class LoraLinear(LoraLayer):
             super().reset_adapter(name, init)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        if dora.is_dora(self, name):
-            return dora.delta_weight(self, name)
+        return self.variants[name].delta_weight(self, name)
+
+    # --- plain LoRA maths, which LORA (variants/base.py) calls and other variants build on ---
+    def plain_delta_weight(self, name: str) -> torch.Tensor:
+        """s B A in the base weight's layout (Conv1D's is transposed)."""
         delta = LF.delta_weight(self.lora_A[name], self.full_B(name), self.scaling[name])
         return delta.t() if self.fan_in_fan_out else delta
 
+    def add_plain_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """weight + s B A as one addmm in the base layout."""
+        A, B = self.lora_A[name].to(weight.dtype), self.full_B(name).to(weight.dtype)
+        if self.fan_in_fan_out:
+            return torch.addmm(weight, A.t(), B.t(), alpha=self.scaling[name])
+        return torch.addmm(weight, B, A, alpha=self.scaling[name])
+
+    def add_plain_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return LF.add_lora_linear(result, x, self.lora_A[name], self.full_B(name), self.scaling[name])
+
+    # --- forward ------------------------------------------------------------------------------
     def forward_with_adapters(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        use_dora = bool(self._dora_names) and not self._dora_names.isdisjoint(names)
-        dropout_on = self.training and any(self.dropout_p[n] for n in names)
-        # A quantized base has no dense weight to add dW to: the factored path only.
-        if not dropout_on and self._fly_merge_pays(x) and not self.quantized:
-            if not torch.is_grad_enabled():  # inference: one matmul with W + dW
-                return self._base_forward(x, self._cached_merged_weight(names))
-            if len(names) == 1 and not self.base_layer.weight.requires_grad:
-                fused = self._fused_train_forward(x, names[0], use_dora)
-                if fused is not None:
-                    return fused
-        if use_dora:
-            return dora.reference_forward(self, x, names)  # PEFT's maths with autograd
+        return self.forward_along(choose_forward_path(self, x, names), x, names)
+
+    def forward_along(self, path: ForwardPath, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The output along `path` (see choose_forward_path, which picks it); every path gives
+        the same values up to rounding, so tests can run each one against the dense maths."""
+        if path is ForwardPath.MERGED_WEIGHT:
+            return self._base_forward(x, self._cached_merged_weight(names))
+        if path is ForwardPath.FUSED_TRAIN:
+            return self.variants[names[0]].fused_train_forward(self, x, names[0])
+        if path is ForwardPath.BASE:
+            return self.base_layer(x)
         result = self.base_layer(x)
         for name in names:
             p = self.dropout_p[name]
             x_in = F.dropout(x, p, training=True) if p and self.training else x
-            result = LF.add_lora_linear(result, x_in, self.lora_A[name], self.full_B(name), self.scaling[name])
+            result = self.variants[name].add_output(self, result, x_in, name)
         return result
 
-    def _fused_train_forward(self, x: torch.Tensor, name: str, use_dora: bool) -> torch.Tensor | None:
-        """Training without LoRA dropout over a frozen base: the fused merged-weight autograd
-        function (DoRA's or plain LoRA's), or None where it does not apply."""
-        A, weight = self.lora_A[name], self.base_layer.weight
-        # An fp32 adapter over a half base, or autocast (whose dtype choices the functions'
-        # hand-written backwards would not repeat): keep the textbook path.
-        if A.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return None
-        weight = weight.t() if self.fan_in_fan_out else weight
-        bias, scale = self.base_layer.bias, self.scaling[name]
-        if use_dora:
-            magnitude = self.lora_magnitude_vector[name]
-            return dora.DoraLinearFunction.apply(x, weight, bias, A, self.full_B(name), magnitude, scale)
-        if self.enable_lora is not None:
-            return None
-        return LF.MergedLoraLinear.apply(x, weight, bias, A, self.lora_B[name], scale)
-
     def merged_weight(self, names: list[str]) -> torch.Tensor:
-        """The base weight plus the adapters `names`, in the base layout (one addmm each)."""
+        """The base weight plus the adapters `names`, in the base layout (one addmm each for plain LoRA)."""
         weight = self.base_layer.weight
         for name in names:
-            A, B = self.lora_A[name].to(weight.dtype), self.full_B(name).to(weight.dtype)
-            if dora.is_dora(self, name):
-                weight = weight + self.delta_weight(name).to(weight.dtype)
-            elif self.fan_in_fan_out:
-                weight = torch.addmm(weight, A.t(), B.t(), alpha=self.scaling[name])
-            else:
-                weight = torch.addmm(weight, B, A, alpha=self.scaling[name])
+            weight = self.variants[name].add_to_weight(self, weight, name)
         return weight
 
     def _cached_merged_weight(self, names: list[str]) -> torch.Tensor:
@@ -132,29 +123,21 @@ class LoraLinear(LoraLayer):
         small batches. The price is one merged copy of each adapted weight.
         """
         tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
-        tensors += [self.lora_magnitude_vector[n] for n in names if n in self.lora_magnitude_vector]  # DoRA
+        for n in names:  # a variant's extras (DoRA's magnitude); plain LoRA skips the call
+            if self.variants[n].extra_parameters:
+                tensors += self.variants[n].parameters_of(self, n)
         key = (tuple(names), tuple(self.scaling[n] for n in names), tuple((t.data_ptr(), t._version) for t in tensors))
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self.merged_weight(names))
         return self._weight_cache[1]
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.lora_magnitude_vector:  # DoRA; dropped before the base's _refresh
-            del self.lora_magnitude_vector[name]
-        super().delete_adapter(name)
-
-    def _refresh(self) -> None:
-        super()._refresh()
+    def refresh_caches(self) -> None:
+        super().refresh_caches()
         self._weight_cache = None
-        self._dora_names = frozenset(self.lora_magnitude_vector)
 
     def train(self, mode: bool = True) -> LoraLinear:
         self._weight_cache = None  # training changes the weights: do not keep a copy around
         return super().train(mode)
-
-    def _fly_merge_pays(self, x: torch.Tensor) -> bool:
-        tokens = x.numel() // x.shape[-1]
-        return LF.worth_merging_on_the_fly(tokens, self.in_features, self.out_features)
 
     def _base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's maths with another weight of the same layout."""
