@@ -73,8 +73,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             alpha_pattern[name] = scale * (A.shape[0] ** 0.5 if config.use_rslora else A.shape[0])
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B
-        if adapter_name in getattr(layer, "lora_magnitude_vector", {}):  # DoRA, PEFT's key
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+        variant = getattr(layer, "variants", {}).get(adapter_name)
+        for attr, suffix in (variant.extra_parameters.items() if variant else ()):  # DoRA: PEFT's magnitude key
+            tensors[f"{PREFIX}{name}{suffix}"] = getattr(layer, attr)[adapter_name]
     task_type = _task_type(model)
     saved = find_modules_to_save(model, config)
     heads = _task_heads(model, task_type, [n for n, _ in targets + saved])

@@ -24,6 +24,8 @@ from lorakit.core.layers import LoraEmbedding, LoraLayer, LoraLinear, layer_clas
 from lorakit.core.layers.linear import linear_dims
 from lorakit.files.errors import AdapterError
 from lorakit.files.fingerprint import FINGERPRINT_KEY, model_fingerprint
+from lorakit.variants.dora import DORA
+from lorakit.variants.registry import file_variant, variant_for, variant_named
 
 # PEFT's key suffixes of the two LoRA factors, per layer kind.
 LORA_KEYS = {
@@ -33,27 +35,25 @@ LORA_KEYS = {
 }
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
-# --- variants (DoRA) ---------------------------------------------------------------------------
-# A variant is a name and the extra per-layer tensors it adds, by PEFT's key suffix (which is
-# also the LoRA layer's attribute holding them). The one place to point at lorakit.variants.
-DORA_MAGNITUDE = "lora_magnitude_vector"
+# --- variants ------------------------------------------------------------------------------
+# A variant (lorakit.variants: plain LoRA, DoRA, ...) names the extra per-layer tensors it adds;
+# each is saved under PEFT's key `<module>.<layer attribute>` (DoRA: lora_magnitude_vector).
 
 
 def variant_of(config: LoraConfig) -> str:
-    """The variant's name: "dora" for a weight-decomposed adapter, else "lora"."""
-    return "dora" if config.use_dora else "lora"
+    """The variant's name ("lora", "dora", ...) that the config asks for."""
+    return variant_for(config).name
 
 
 def is_dora_file(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> bool:
     """True when the config says DoRA or the file holds DoRA's magnitudes."""
-    return variant_of(config) == "dora" or any(key.endswith(DORA_MAGNITUDE) for key in tensors)
+    return file_variant(config, tensors) is DORA
 
 
 def _variant_shapes(variant: str, base: nn.Module) -> dict[str, tuple[int, ...]]:
     """The variant's extra tensors on one linear layer: key suffix -> shape."""
-    if variant == "dora":
-        return {DORA_MAGNITUDE: (linear_dims(base)[1],)}
-    return {}
+    d_in, d_out = linear_dims(base)
+    return variant_named(variant).extra_shapes(d_in, d_out)
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -339,7 +339,6 @@ __all__ = [
     "internal_name",
     "variant_of",
     "is_dora_file",
-    "DORA_MAGNITUDE",
     "LORA_KEYS",
     "LORA_SUFFIXES",
 ]

@@ -41,6 +41,11 @@ class LoraVariant:
         """The PEFT key suffixes of the variant's extra tensors (beyond lora_A / lora_B)."""
         return tuple(self.extra_parameters.values())
 
+    def extra_shapes(self, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+        """Layer attribute -> shape of each extra tensor one adapter of this variant has on a
+        (d_in -> d_out) linear layer: what an adapter file must hold for it, beyond A and B."""
+        return {}
+
     def check_supported(self, layer) -> None:
         """Raise (a LorakitError) before anything changes if `layer` cannot hold this variant."""
 

@@ -107,6 +107,9 @@ class DoraVariant(LoraVariant):
     name, label, config_flag = "dora", "DoRA", "use_dora"
     extra_parameters = {"lora_magnitude_vector": ".lora_magnitude_vector"}
 
+    def extra_shapes(self, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_magnitude_vector": (d_out,)}  # one magnitude per output
+
     def check_supported(self, layer) -> None:
         check_supported(layer)
 
