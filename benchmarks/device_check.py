@@ -97,8 +97,8 @@ def check_gradients(device: torch.device) -> dict[str, float]:
     b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     A = torch.randn(2, 6, dtype=torch.float64, device=device, requires_grad=True)
     B = torch.randn(4, 2, dtype=torch.float64, device=device, requires_grad=True)
-    ok = torch.autograd.gradcheck(lambda *t: LF.MergedLoraLinear.apply(*t, 0.7), (x, W, b, A, B))
-    return {"MergedLoraLinear gradcheck failed": 0.0 if ok else 1.0}
+    ok = torch.autograd.gradcheck(lambda *t: LF.FusedLoraMatmul.apply(*t, 0.7), (x, W, b, A, B))
+    return {"FusedLoraMatmul gradcheck failed": 0.0 if ok else 1.0}
 
 
 def main() -> int:

@@ -123,7 +123,6 @@ class FusedLoraMatmul(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_A, grad_B, None
 
 
-MergedLoraLinear = FusedLoraMatmul  # the old name, for benchmarks/device_check.py until it is updated
 
 
 def add_lora_rows(result: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, Bt_rows: torch.Tensor) -> torch.Tensor:

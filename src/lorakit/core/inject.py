@@ -28,10 +28,11 @@ from lorakit.core.registry import (  # CONFIGS_ATTR, BASE_VALUES_ATTR, adapter_c
     set_adapter_config,
 )
 from lorakit.errors import LorakitError
+from lorakit.hf import ALL_LINEAR_EXCLUDED_HEADS
 from lorakit.variants.registry import variant_for
 
 # Output heads that "all-linear" leaves alone (a LoRA on the head is almost never wanted).
-HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls"}
+HEAD_NAMES = ALL_LINEAR_EXCLUDED_HEADS  # output heads all-linear leaves alone (lorakit.hf)
 
 
 class TargetError(LorakitError):

@@ -11,9 +11,10 @@ A 4-bit base cannot take a merge (W0 + dW re-quantised loses most of dW), so mer
 bitsandbytes is optional: importing this module works without it, using it says what to install.
 
 Adapter files: an adapter trained here is plain LoRA in PEFT's format. It loads into the same
-4-bit base (lorakit, or PEFT over a quantize_model base) as is. Its base fingerprint is that of
-the 4-bit base, so loading it into the fp32 original needs force=True (`--force` on the
-commands): the two bases differ by the quantisation error, which the adapter was trained over.
+4-bit base (lorakit, or PEFT over a quantize_model base) as is. Each 4-bit layer keeps the
+fingerprint sample of the full-precision weight it was made from, so the adapter's base
+fingerprint is that of the fp32 original and it loads there without force=True (the two
+bases differ by the quantisation error, which the adapter was trained over).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lorakit.core.config import LoraConfig
 from lorakit.core.inject import find_targets, lora_layers, walk
 from lorakit.core.layers import LoraLayer
 from lorakit.errors import UsageError
-from lorakit.files.peft_format import FINGERPRINT_ATTR, fingerprint_sample
+from lorakit.files.fingerprint import FINGERPRINT_ATTR, fingerprint_sample
 
 logger = logging.getLogger(__name__)
 
