@@ -309,7 +309,6 @@ class Trainer:
         metric, higher = BEST_METRIC[c.task]
         if run.stats.record_eval(step, result, result[metric], higher):
             self._save_output()
-            return result, False
         return result, bool(c.early_stopping) and run.stats.bad_evals >= c.early_stopping
 
     def _maybe_log(self, run: _Run, step: int, lr: float, evaluated: dict[str, Any] | None, stop: bool) -> None:

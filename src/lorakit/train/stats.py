@@ -45,11 +45,16 @@ class RunStats:
 
     def record_eval(self, step: int, result: dict[str, Any], value: float, higher_is_better: bool) -> bool:
         """Count an evaluation whose metric is `value`; whether it is the best so far. A tie
-        (accuracy on a small eval set moves in steps of 1/n) goes to the lower eval loss."""
-        if self.best is None or _better(value, self.best, higher_is_better) or self._wins_tie(value, result):
+        (accuracy on a small eval set moves in steps of 1/n) goes to the lower eval loss; it
+        replaces the best adapter but is no improvement for --early-stopping, which watches the
+        metric itself (so patience means what it always has)."""
+        if self.best is None or _better(value, self.best, higher_is_better):
             self.best, self.best_step, self.bad_evals, self.best_eval = value, step, 0, result
             return True
         self.bad_evals += 1
+        if self._wins_tie(value, result):
+            self.best_step, self.best_eval = step, result
+            return True
         return False
 
     def _wins_tie(self, value: float, result: dict[str, Any]) -> bool:
