@@ -11,8 +11,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.hf import model_path
-from lorakit.train import TrainConfig
-from lorakit.train import chat
+from lorakit.train import TrainConfig, chat
 from lorakit.train.data import IGNORE_INDEX
 from lorakit.train.model import load_tokenizer
 from lorakit.train.prepare import build_datasets
@@ -74,6 +73,14 @@ def test_chat_run_saves_the_template_and_trains_on_the_assistant_only(tmp_path, 
         answers = [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
         assert learned.replace(" ", "") == "".join(answers).replace(" ", "")
         assert tokenizer.decode(example.input_ids).startswith("<|system|>")
+
+
+def test_every_best_adapter_keeps_its_template(tmp_path, chat_file):
+    # the best adapter is replaced at each better evaluation: the template must not block that
+    out, summary = train(tmp_path, chat_file, "--eval-split", "0.25", "--eval-every", "1", "--max-steps", "3")
+    assert summary["best_step"] == 3 and summary["best_eval"]["loss"] < summary["final_eval"]["loss"] + 1e-9
+    assert chat.read_template(out / "adapter") == chat.DEFAULT_CHAT_TEMPLATE
+    assert summary["train_examples"] == len(CONVERSATIONS) - round(len(CONVERSATIONS) * 0.25)
 
 
 def test_train_on_prompt_puts_the_loss_on_every_token(chat_file):

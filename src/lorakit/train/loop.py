@@ -29,7 +29,7 @@ from lorakit.files.atomic import recover_folder, replace_folder
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.batching import StepPlan, collate, pad_id_of, shard
-from lorakit.train.chat import write_template
+from lorakit.train.chat import TEMPLATE_FILE, write_template
 from lorakit.train.config import TrainConfig, lora_config_from_args
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
@@ -180,9 +180,14 @@ class Trainer:
             def write(tmp: Path) -> None:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
+                if self.chat_template is not None:
+                    write_template(tmp, self.chat_template)
 
             replace_folder(self.out / "model", write)
             return
+        if self.chat_template is not None:
+            # files.peft_format replaces only folders of its own files; the template is re-written below.
+            (self.out / "adapter" / TEMPLATE_FILE).unlink(missing_ok=True)
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
             from lorakit.variants.pissa_convert import save_pissa_as_lora
 
