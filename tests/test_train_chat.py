@@ -132,3 +132,21 @@ def test_sharegpt_records_train_too(tmp_path, gpt):
     openai_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS), encoding="utf-8")
     openai, _ = dataset(openai_file)
     assert [e.label for e in share.examples] == [e.label for e in openai.examples]
+
+
+def test_text_and_prompt_completion_truncation_is_counted(gpt):
+    from lorakit.train.data import CausalLMData
+
+    _, tokenizer = gpt
+    texts = ["short one", "a much longer text " * 10, "mid length text here " * 3]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    limit = sorted(lengths)[1]
+    data = CausalLMData.from_rows([{"text": t} for t in texts], tokenizer, max_length=limit)
+    assert data.truncated == sum(n > limit for n in lengths) == 1
+    assert max(len(e.input_ids) for e in data.examples) == limit
+    rows = [{"prompt": t, "completion": "ok"} for t in texts]
+    pairs = CausalLMData.from_rows(
+        rows, tokenizer, prompt_column="prompt", completion_column="completion", max_length=limit
+    )
+    ok = len(tokenizer("ok", add_special_tokens=False)["input_ids"])
+    assert pairs.truncated == sum(n + ok + 1 > limit for n in lengths)  # + eos
