@@ -197,7 +197,7 @@ def config_text(folder, src, rng):
 
 
 def config_bytes(folder, src, rng):
-    (folder / CONFIG).write_bytes(rng.choice([b"\xff\xfe\x00{", rng.randbytes(64), b"{\"r\": 4, \"x\": \"\xc3\"}"]))
+    (folder / CONFIG).write_bytes(rng.choice([b"\xff\xfe\x00{", rng.randbytes(64), b'{"r": 4, "x": "\xc3"}']))
 
 
 HOSTILE_VALUES = {

@@ -1,12 +1,18 @@
 """Fine-tune a Hugging Face model with LoRA (or in full) on a JSONL, CSV or TSV file.
 
   lorakit train --train data.tsv --eval dev.tsv --out runs/sst2
-  lorakit train --model ./gpt --task causal-lm --train chat.jsonl \\
-      --prompt-column prompt --completion-column completion --eval-split 0.1 --out runs/chat
+  lorakit train --model ./gpt --task causal-lm --train pairs.jsonl \\
+      --prompt-column prompt --completion-column completion --eval-split 0.1 --out runs/pairs
+  lorakit train --task causal-lm --train chat.jsonl --out runs/chat   (records with "messages")
   torchrun --nproc_per_node=2 -m lorakit.cli train ...     (DDP: gloo on CPU, nccl on CUDA)
 
+Chat data ("messages" or "conversations" records) is rendered with the model's chat template
+(a default one for models without) and trains on the assistant's turns; the template is saved
+as adapter/chat_template.jinja.
+
 DIR receives adapter/ (PEFT format; the best one when evaluating), metrics.jsonl, loss.png,
-summary.json; checkpoint/ while running (--checkpoint-every N, continue with --resume).
+summary.json (truncated_examples: how many --max-length cut); checkpoint/ while running
+(--checkpoint-every N, continue with --resume).
 With no LoRA flags, lorakit's recipe is used: rank 4 on every linear layer, lr 2e-3,
 linear decay with 6% warm-up, the model's own dropout off.
 """
@@ -34,7 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--label-column", help="label column for classify (default: label)")
     data.add_argument("--prompt-column", help="causal-lm: prompt column (no loss on it)")
     data.add_argument("--completion-column", help="causal-lm: completion column (the loss is on it)")
-    data.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default 256)")
+    data.add_argument(
+        "--max-length",
+        type=int,
+        help="truncate examples to this many tokens (default: 256 classify, context causal-lm)",
+    )
+    data.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        default=None,
+        help="chat data: the loss on every token, not only the assistant's turns",
+    )
+    data.add_argument(
+        "--packing", action="store_true", default=None, help="causal-lm: pack short examples into --max-length rows"
+    )
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--rank", type=int, help="LoRA rank r (default 4)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha; scaling = alpha / r (default 2 * rank)")
@@ -56,11 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 2e-3; 5e-5 with --full)")
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    opt.add_argument(
+        "--loraplus-lr-ratio", type=float, metavar="R", help="LoRA+: B matrices' lr = R x the lr (paper: 16)"
+    )
     opt.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (linear)")
     opt.add_argument(
         "--warmup", type=float, help="warm-up: a ratio of the steps (< 1) or a number of steps (default 0.06)"
     )
-    opt.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
+    opt.add_argument(
+        "--epochs", type=float, help="passes over the data (default 1; small data: enough for 100 steps, max 20)"
+    )
     opt.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     opt.add_argument("--batch-size", type=int, help="examples per step per process (default 32)")
     opt.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
@@ -80,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="torch.compile the model (for long runs: compiling takes minutes on a CPU)",
+    )
+    opt.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in backward: less memory, slower steps",
     )
     opt.add_argument(
         "--no-group-by-length",
@@ -110,5 +140,6 @@ def run(args: argparse.Namespace) -> int:
     summary = Trainer(TrainConfig.from_args(args)).run()
     shown = {k: summary[k] for k in ("steps", "wall_time_s", "examples_per_s", "trainable_params", "output")}
     shown["eval"] = summary.get("best_eval") or summary.get("final_eval")
+    shown["truncated_examples"] = summary.get("truncated_examples", 0)
     print(json.dumps(shown, default=str))
     return 0

@@ -22,6 +22,22 @@ from lorakit.train.data import IGNORE_INDEX, Example
 # padding, yet their order (and each batch's mix) stays random from epoch to epoch.
 GROUP_WINDOW = 50
 
+# Small-data default, used when neither --epochs nor --max-steps is given. One epoch of 170
+# examples at batch 32 is 6 optimizer steps, which with warm-up and decay barely moves a fresh
+# head off the majority class. So a run takes at least MIN_AUTO_STEPS steps (about what the
+# recipe's lr 2e-3 needs to converge on SST-2-sized tasks: its 1-epoch quality figure is ~600
+# steps, and 100 is where the loss curve flattens on a few hundred examples), in whole epochs,
+# but never more than MAX_AUTO_EPOCHS passes: beyond that a tiny data set is memorised, which
+# more steps cannot fix. Data with >= 100 steps per epoch trains one epoch, as always.
+MIN_AUTO_STEPS = 100
+MAX_AUTO_EPOCHS = 20
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """Epochs when the user set neither --epochs nor --max-steps: 1, or enough whole epochs
+    for MIN_AUTO_STEPS optimizer steps, capped at MAX_AUTO_EPOCHS."""
+    return max(1, min(MAX_AUTO_EPOCHS, math.ceil(MIN_AUTO_STEPS / max(steps_per_epoch, 1))))
+
 
 def plan_epoch(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
@@ -62,6 +78,7 @@ class StepPlan:
     group_by_length: bool
     total_steps: int
     warmup_steps: int
+    epochs: float | None = None  # the epochs chosen by auto_epochs (None: the user set the length)
     _epochs: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)  # the current epoch's plan
 
     @classmethod
@@ -70,9 +87,21 @@ class StepPlan:
         global_batch = config.batch_size * world
         step_size = global_batch * config.grad_accum
         steps_per_epoch = math.ceil(len(lengths) / step_size)
-        total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        chosen = auto_epochs(steps_per_epoch) if config.epochs is None and config.max_steps is None else None
+        epochs = chosen if chosen is not None else config.epochs if config.epochs is not None else 1.0
+        total = config.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
         warmup = int(config.warmup) if config.warmup >= 1 else round(config.warmup * total)
-        return cls(lengths, global_batch, step_size, config.seed, config.group_by_length, total, warmup)
+        return cls(lengths, global_batch, step_size, config.seed, config.group_by_length, total, warmup, chosen)
+
+    def length_note(self) -> str | None:
+        """One line saying how long the run is when auto_epochs chose it for small data, else None."""
+        if self.epochs is None or self.epochs == 1:
+            return None
+        return (
+            f"lorakit train: {len(self.lengths)} examples are {self.steps_per_epoch} steps per epoch, so training "
+            f"{self.epochs} epochs ({self.total_steps} steps; at least {MIN_AUTO_STEPS}, at most {MAX_AUTO_EPOCHS} "
+            "epochs); set --epochs or --max-steps to choose"
+        )
 
     @property
     def steps_per_epoch(self) -> int:

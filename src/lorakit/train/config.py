@@ -38,7 +38,12 @@ class TrainConfig:
         task: "classify" (labels read from the data) or "causal-lm".
         eval: evaluation data file; or eval_split: a held-out fraction of the training data.
         text_column, label_column, prompt_column, completion_column: data columns.
-        max_length: longest tokenized example (longer ones are truncated).
+        max_length: longest tokenized example (longer ones are truncated; None = 256 for classify,
+            the model's context length for causal-lm).
+        train_on_prompt: chat data: the loss on every token, not only the assistant's turns.
+        packing: causal-lm: several short examples per row (lorakit.train.packing).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        loraplus_lr_ratio: LoRA+: lora_B's lr = ratio x lora_A's (lorakit.train.optimizer).
         rank, alpha, dropout, targets, modules_to_save, rslora: the LoRA adapter.
         dora, init, pissa_niter, rank_pattern, alpha_pattern: LoRA variants (DoRA, PiSSA init
             (exact SVD, or randomized with pissa_niter iterations), per-module ranks / alphas).
@@ -46,7 +51,8 @@ class TrainConfig:
         quantize: "nf4" stores the frozen base's linear layers in 4-bit NF4 (QLoRA, lorakit.variants.qlora).
         lr, weight_decay, schedule, warmup: AdamW and its schedule; warmup < 1 is a ratio of
             the steps, >= 1 a number of steps.
-        epochs, max_steps: how long (max_steps wins when given).
+        epochs, max_steps: how long (max_steps wins when given); with neither, one epoch, or
+            more on small data (batching.auto_epochs).
         batch_size: examples per step on each process; grad_accum: micro-batches per step.
         max_grad_norm: gradient clipping (0 = off).
         precision: "auto" (bf16 autocast on a CUDA GPU with bf16, else fp32), "fp32", "bf16", "fp16".
@@ -67,7 +73,11 @@ class TrainConfig:
     label_column: str = "label"
     prompt_column: str | None = None
     completion_column: str | None = None
-    max_length: int = 256
+    max_length: int | None = None
+    train_on_prompt: bool = False
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    loraplus_lr_ratio: float | None = None
     rank: int | None = None
     alpha: float | None = None
     dropout: float = 0.0
@@ -85,7 +95,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup: float = 0.06
-    epochs: float = 1.0
+    epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 32
     grad_accum: int = 1
@@ -161,14 +171,14 @@ def _check_counts(c: TrainConfig) -> list[str]:
     """Sizes, intervals and the optimizer's numbers."""
     problems = []
     for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
-        if getattr(c, name) < 1:
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
     for name in ("eval_every", "log_every", "checkpoint_every", "early_stopping"):
         if getattr(c, name) < 0:
             problems.append(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
     if c.max_steps is not None and c.max_steps < 1:
         problems.append(f"--max-steps {c.max_steps}: must be at least 1")
-    if c.epochs <= 0:
+    if c.epochs is not None and c.epochs <= 0:
         problems.append(f"--epochs {c.epochs}: must be positive")
     if c.lr is not None and c.lr <= 0:
         problems.append(f"--lr {c.lr}: must be positive")
@@ -206,6 +216,23 @@ def _check_adapter(c: TrainConfig) -> list[str]:
     return problems
 
 
+def _check_causal_lm(c: TrainConfig) -> list[str]:
+    """Flags that only a causal LM (or only a LoRA adapter) uses."""
+    problems = []
+    if c.task != "causal-lm":
+        problems += [
+            f"{flag} is for --task causal-lm"
+            for flag, on in (("--packing", c.packing), ("--train-on-prompt", c.train_on_prompt))
+            if on
+        ]
+    if c.loraplus_lr_ratio is not None:
+        if c.full:
+            problems.append("--loraplus-lr-ratio sets LoRA's B matrices' lr: drop --full")
+        elif c.loraplus_lr_ratio <= 0:
+            problems.append(f"--loraplus-lr-ratio {c.loraplus_lr_ratio}: must be positive (the paper uses 16)")
+    return problems
+
+
 def _check_run_mode(c: TrainConfig) -> list[str]:
     """--resume and --overwrite."""
     if c.resume and c.overwrite:
@@ -214,7 +241,7 @@ def _check_run_mode(c: TrainConfig) -> list[str]:
 
 
 # In this order, so a config with several problems lists them as it always has.
-_CHECKS = (_check_inputs, _check_counts, _check_schedule, _check_adapter, _check_run_mode)
+_CHECKS = (_check_inputs, _check_counts, _check_schedule, _check_adapter, _check_causal_lm, _check_run_mode)
 
 
 def lora_config_from_args(args: Any, head: list[str] | None = None) -> LoraConfig:

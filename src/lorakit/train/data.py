@@ -184,10 +184,15 @@ class ClassificationData:
 
 @dataclass
 class CausalLMData:
-    """Texts (loss on every token) or prompt/completion pairs (loss on the completion only), tokenized."""
+    """Texts (loss on every token), prompt/completion pairs (loss on the completion only) or
+    conversations (lorakit.train.chat: loss on the assistant's turns), tokenized.
+    `truncated` counts the examples cut to max_length; `chat_template` is the template
+    conversations were rendered with (None for texts and prompt/completion columns)."""
 
     examples: list[Example]
     task: str = "causal-lm"
+    truncated: int = 0
+    chat_template: str | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -205,29 +210,63 @@ class CausalLMData:
         path: str | Path = "",
     ) -> CausalLMData:
         """Tokenize `rows`; with prompt and completion columns the prompt tokens get no loss."""
-        eos = getattr(tokenizer, "eos_token_id", None)
         if prompt_column or completion_column:
             p_col = find_column(rows, prompt_column or "prompt", (), path)
             c_col = find_column(rows, completion_column or "completion", (), path)
-            prompts = _encode(tokenizer, [r[p_col] for r in rows], max_length)
-            completions = _encode(tokenizer, [r[c_col] for r in rows], max_length, special=False)
-            examples = []
-            for p, c in zip(prompts, completions, strict=True):
-                c = c + ([eos] if eos is not None else [])
-                ids = (p + c)[:max_length]
-                labels = ([IGNORE_INDEX] * len(p) + c)[:max_length]
-                examples.append(Example(ids, labels))
+            examples, truncated = _prompt_completion_examples(
+                tokenizer, [r[p_col] for r in rows], [r[c_col] for r in rows], max_length
+            )
         else:
             col = find_column(rows, text_column, _text_fallbacks(text_column), path)
-            examples = []
-            for ids in _encode(tokenizer, [r[col] for r in rows], max_length):
-                if eos is not None and (not ids or ids[-1] != eos) and len(ids) < max_length:
-                    ids = ids + [eos]  # the model learns where a text ends
-                examples.append(Example(ids, list(ids)))
+            examples, truncated = _text_examples(tokenizer, [r[col] for r in rows], max_length)
         examples = [e for e in examples if e.weight > 0]
         if not examples:
             raise DataError(f"{path or 'data'}: no example has a token to predict (all texts or completions empty)")
-        return cls(examples)
+        return cls(examples, truncated=truncated)
+
+
+def _prompt_completion_examples(
+    tokenizer: Any, prompts: list[str], completions: list[str], max_length: int
+) -> tuple[list[Example], int]:
+    """Prompt + completion + eos, labels on the completion and eos; how many were cut."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    end = [eos] if eos is not None else []
+    full = [
+        len(p) + len(c) + len(end)
+        for p, c in zip(
+            _untruncated_ids(tokenizer, prompts), _untruncated_ids(tokenizer, completions, False), strict=True
+        )
+    ]
+    examples = []
+    for p, c in zip(
+        _encode(tokenizer, prompts, max_length), _encode(tokenizer, completions, max_length, False), strict=True
+    ):
+        c = c + end
+        examples.append(Example((p + c)[:max_length], ([IGNORE_INDEX] * len(p) + c)[:max_length]))
+    return examples, sum(n > max_length for n in full)
+
+
+def _text_examples(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[Example], int]:
+    """Texts with an eos appended where there is room, labels on every token; how many were cut."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    examples = []
+    for ids in _encode(tokenizer, texts, max_length):
+        if eos is not None and (not ids or ids[-1] != eos) and len(ids) < max_length:
+            ids = ids + [eos]  # the model learns where a text ends
+        examples.append(Example(ids, list(ids)))
+    return examples, sum(len(ids) > max_length for ids in _untruncated_ids(tokenizer, texts))
+
+
+def _untruncated_ids(tokenizer: Any, texts: list[str], special: bool = True) -> list[list[int]]:
+    """Token ids without truncation: only to count which examples max_length cuts."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "longer than the maximum" is the point here
+    try:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _text_fallbacks(text_column: str) -> tuple[str, ...]:

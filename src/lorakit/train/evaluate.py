@@ -24,8 +24,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a collated batch (labels are not passed: lorakit sums the loss)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """The model's logits for a collated batch (labels are not passed: lorakit sums the loss);
+    a packed batch also carries position_ids (see lorakit.train.packing)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 @torch.no_grad()

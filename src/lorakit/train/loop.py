@@ -29,11 +29,22 @@ from lorakit.files.atomic import recover_folder, replace_folder
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.batching import StepPlan, collate, pad_id_of, shard
+from lorakit.train.chat import TEMPLATE_FILE, write_template
 from lorakit.train.config import TrainConfig, lora_config_from_args
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
-from lorakit.train.model import head_names, load_model, load_tokenizer, max_tokens, model_path, write_card
+from lorakit.train.model import (
+    default_max_length,
+    enable_gradient_checkpointing,
+    head_names,
+    load_model,
+    load_tokenizer,
+    max_tokens,
+    model_path,
+    write_card,
+)
 from lorakit.train.optimizer import Optimization
+from lorakit.train.packing import PackedRow, check_packing, collate_packed, pack
 from lorakit.train.prepare import build_datasets, check_out_dir, resolve_precision
 from lorakit.train.report import (
     SUMMARY_FILE,
@@ -78,19 +89,26 @@ class Trainer:
         self.base = model_path(config.model, config.task)
         self.tokenizer = load_tokenizer(self.base)
         self.pad = pad_id_of(self.tokenizer)
-        config.max_length = max_tokens(self.base, self.tokenizer, config.max_length)
+        config.max_length = max_tokens(self.base, self.tokenizer, config.max_length or default_max_length(config.task))
         self.train_data, self.eval_data = build_datasets(config, self.tokenizer)
+        self.chat_template = getattr(self.train_data, "chat_template", None)
         self.labels = getattr(self.train_data, "labels", None)
         self.autocast = self._precision()
         torch.manual_seed(config.seed)  # the fresh head and the LoRA A matrices
         random.seed(config.seed)
         self.model, self.lora = self._build_model()
         self.model.to(self.dist.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         if self.dist.rank:  # different dropout masks per process, same initial weights
             torch.manual_seed(config.seed + 7919 * self.dist.rank)
-        lengths = [len(e.input_ids) for e in self.train_data.examples]
-        self.plan = StepPlan.of(config, lengths, self.dist.world)
-        self.weights = [e.weight for e in self.train_data.examples]  # loss terms per example
+        # What a step's batches are made of: examples, or with --packing rows of several examples.
+        self.rows = self._packed_rows() if config.packing else self.train_data.examples
+        self.plan = StepPlan.of(config, [len(r.input_ids) for r in self.rows], self.dist.world)
+        self.weights = [r.weight for r in self.rows]  # loss terms per example / row
+        note = self.plan.length_note()
+        if note and self.dist.main:
+            print(note, file=sys.stderr)
 
     # --- set-up -------------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -121,6 +139,18 @@ class Trainer:
         lorakit.inject(model, lora)
         return model, lora
 
+    def _packed_rows(self) -> list[PackedRow]:
+        """--packing: the training examples first-fit into rows of --max-length tokens."""
+        check_packing(self.model)
+        return pack(self.train_data.examples, self.config.max_length)
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of these rows (examples, or packed rows with positions and a block mask)."""
+        rows = [self.rows[i] for i in indices]
+        if self.config.packing:
+            return collate_packed(rows, self.pad, self.dist.device)
+        return collate(rows, self.pad, self.dist.device)
+
     def _wrapped(self) -> nn.Module:
         """The model as the steps call it: compiled (--compile), in DDP with several processes."""
         d, wrapped = self.dist, self.model
@@ -150,9 +180,14 @@ class Trainer:
             def write(tmp: Path) -> None:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
+                if self.chat_template is not None:
+                    write_template(tmp, self.chat_template)
 
             replace_folder(self.out / "model", write)
             return
+        if self.chat_template is not None:
+            # files.peft_format replaces only folders of its own files; the template is re-written below.
+            (self.out / "adapter" / TEMPLATE_FILE).unlink(missing_ok=True)
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
             from lorakit.variants.pissa_convert import save_pissa_as_lora
 
@@ -160,6 +195,8 @@ class Trainer:
         else:
             folder = lorakit.save_adapter(self.model, self.out / "adapter")
         write_card(folder, self.config.task, self.labels, str(self.base))
+        if self.chat_template is not None:  # a server formats prompts exactly as training did
+            write_template(folder, self.chat_template)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self, step: int, opt: Optimization, stats: RunStats) -> None:
@@ -231,7 +268,7 @@ class Trainer:
             local, scale = shard(batch_ids, d.rank, d.world), 1.0
             if not local:  # a short last batch: join DDP's all-reduce with a zero contribution
                 local, scale = batch_ids[:1], 0.0
-            batch = collate([self.train_data.examples[i] for i in local], self.pad, d.device)
+            batch = self._collate(local)
             sync = d.world == 1 or j == len(micro) - 1
             with contextlib.nullcontext() if sync else run.wrapped.no_sync():
                 with torch.autocast(d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -277,7 +314,6 @@ class Trainer:
         metric, higher = BEST_METRIC[c.task]
         if run.stats.record_eval(step, result, result[metric], higher):
             self._save_output()
-            return result, False
         return result, bool(c.early_stopping) and run.stats.bad_evals >= c.early_stopping
 
     def _maybe_log(self, run: _Run, step: int, lr: float, evaluated: dict[str, Any] | None, stop: bool) -> None:
@@ -374,6 +410,10 @@ class Trainer:
             "final_eval": last_eval,
             "best_eval": stats.best_eval,
             "best_step": stats.best_step,
+            "max_length": self.config.max_length,
+            "truncated_examples": getattr(self.train_data, "truncated", 0),
+            "packed_rows": len(self.rows) if self.config.packing else None,
+            "auto_epochs": self.plan.epochs,
             **peak_memory(),
         }
         if self.dist.main:

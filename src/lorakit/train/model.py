@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from lorakit import hf
+from lorakit.errors import UsageError
 
 # Loading, task and limits live in lorakit.hf; these names stay importable from here for the trainer.
 from lorakit.hf import CARD_KEY, head_names, load_tokenizer, model_path, read_card
@@ -32,6 +33,32 @@ def max_tokens(path: Path, tokenizer: Any, wanted: int) -> int:
     limit: a longer example would crash inside the model instead of being truncated."""
     limit = hf.context_length(hf.load_config(path), tokenizer)
     return min(wanted, limit) if limit else wanted
+
+
+def default_max_length(task: str) -> int:
+    """--max-length when not given: 256 tokens for classify (lorakit's long-standing default;
+    sentences are short), the whole context for a causal LM (max_tokens caps it to the model's)."""
+    return 256 if task == hf.CLASSIFY else 1 << 30
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """--gradient-checkpointing: recompute each layer's activations in backward instead of keeping
+    them. On an 8-layer, 256-wide Llama with LoRA r 8, batch 4 x 2048 tokens on a CPU, the step's
+    peak RSS growth went from ~2.1 GiB to 1.0-1.2 GiB (ru_maxrss in fresh processes, three runs).
+    Non-reentrant checkpointing (use_reentrant=False, what torch recommends) propagates gradients
+    to the LoRA weights inside a layer even when its input needs none; the embedding output is
+    made to require grad anyway (enable_input_require_grads, as PEFT does), which the reentrant
+    variant needs, so either works with a frozen base."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it; drop the flag")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputing
 
 
 def load_model(path: Path, task: str, labels: list[str] | None = None, model_dropout: float | None = None) -> nn.Module:

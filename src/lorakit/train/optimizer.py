@@ -27,7 +27,11 @@ class Optimization:
     def create(cls, model: nn.Module, config: TrainConfig, plan: StepPlan, autocast: torch.dtype | None):
         """AdamW over `model`'s trainable parameters with `config`'s lr, schedule and clipping."""
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.loraplus_lr_ratio is None:
+            optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        else:
+            groups = loraplus_groups(model, config.learning_rate, config.loraplus_lr_ratio, config.weight_decay)
+            optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
         schedule = lr_lambda(config.schedule, plan.warmup_steps, plan.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scaler = torch.amp.GradScaler("cuda") if autocast is torch.float16 else None
@@ -67,3 +71,41 @@ class Optimization:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+
+
+# LoRA+ (Hayou et al. 2024, arXiv 2402.12354) as peft.optimizers.create_loraplus_optimizer builds
+# it, so a run means the same as PEFT's: embedding LoRA at this fixed lr (PEFT's
+# loraplus_lr_embedding default), since a B update on an embedding row is not the feature
+# learning the ratio is tuned for.
+LORAPLUS_EMBEDDING_LR = 1e-6
+
+
+def loraplus_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups of LoRA+, in PEFT's order: A matrices (and any other trainable
+    matrix) at `lr`; LoRA on an embedding at LORAPLUS_EMBEDDING_LR; B matrices and 1-D
+    parameters (biases, norms) at `lr` x `ratio`, with weight decay unless they are biases or
+    norm weights (PEFT's loraplus_weight_decay is `weight_decay` here; 0 is its default)."""
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    from lorakit.core.layers.embedding import LoraEmbedding
+
+    decay = {name for name in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in name}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = modules.get(".".join(name.split(".")[:-2]))
+        if isinstance(owner, LoraEmbedding):
+            groups["embedding"].append(param)
+        elif "lora_B" in name or param.ndim == 1:
+            groups["B" if name in decay else "B_no_decay"].append(param)
+        else:
+            groups["A"].append(param)
+    return [
+        {"params": groups["A"], "weight_decay": weight_decay, "lr": lr},
+        {"params": groups["embedding"], "weight_decay": weight_decay, "lr": LORAPLUS_EMBEDDING_LR},
+        {"params": groups["B"], "weight_decay": weight_decay, "lr": lr * ratio},
+        {"params": groups["B_no_decay"], "weight_decay": 0.0, "lr": lr * ratio},
+    ]

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.errors import UsageError
+from lorakit.errors import DataError, UsageError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import CausalLMData, ClassificationData, read_table, split_rows
+from lorakit.train.data import SUFFIXES, CausalLMData, ClassificationData, read_table, split_rows
 from lorakit.train.report import SUMMARY_FILE
+
+CHAT_KEYS = ("messages", "conversations")  # what makes a causal-lm JSONL chat data (lorakit.train.chat)
 
 
 def build_datasets(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None]:
-    """(train, eval or None) tokenized; every data problem is a DataError before anything is written."""
+    """(train, eval or None) tokenized; every data problem is a DataError before anything is written.
+    A causal-lm JSONL of `messages` / `conversations` records is chat data (see is_chat_data)."""
+    if is_chat_data(config):
+        return _chat_datasets(config, tokenizer)
     rows = read_table(config.train)
     eval_rows, eval_path = None, config.eval
     if config.eval:
@@ -39,6 +45,58 @@ def build_datasets(config: TrainConfig, tokenizer: Any) -> tuple[Any, Any | None
     train = CausalLMData.from_rows(rows, tokenizer, path=config.train, **lm)
     held = CausalLMData.from_rows(eval_rows, tokenizer, path=eval_path, **lm) if eval_rows is not None else None
     return train, held
+
+
+def is_chat_data(config: TrainConfig) -> bool:
+    """Whether a causal-lm run reads conversations: no prompt/completion columns are named and
+    the file's first JSON record has "messages" (OpenAI) or "conversations" (ShareGPT). A text
+    column that holds a list (a conversation) is refused: its JSON text is no training text."""
+    if config.task != "causal-lm" or config.prompt_column or config.completion_column:
+        return False
+    first = _first_json_record(Path(config.train))
+    if first is None:
+        return False
+    value = first.get(config.text_column)
+    if isinstance(value, list | dict):
+        raise DataError(
+            f"{config.train}: --text-column {config.text_column} holds a {type(value).__name__}, not text; "
+            "for chat data drop --text-column: 'messages' (OpenAI) or 'conversations' (ShareGPT) records "
+            "are read as conversations"
+        )
+    return config.text_column == "text" and "text" not in first and any(k in first for k in CHAT_KEYS)
+
+
+def _first_json_record(file: Path) -> dict[str, Any] | None:
+    """The first record of a JSON-lines file, or None (another format, or not readable as JSON:
+    read_table reports those problems)."""
+    if SUFFIXES.get(file.suffix.lower()) != "jsonl" or not file.is_file():
+        return None
+    with file.open(encoding="utf-8-sig", errors="replace") as handle:
+        line = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _chat_datasets(config: TrainConfig, tokenizer: Any) -> tuple[CausalLMData, CausalLMData | None]:
+    """Conversations rendered with the tokenizer's chat template (or chat.DEFAULT_CHAT_TEMPLATE)."""
+    from lorakit.train import chat
+
+    template = chat.template_for(tokenizer)
+    conversations = chat.read_conversations(config.train)
+    held = chat.read_conversations(config.eval) if config.eval else None
+    if config.eval_split:
+        conversations, held = split_rows(conversations, config.eval_split, config.seed)
+
+    def encoded(items: list) -> CausalLMData:
+        examples, truncated = chat.encode_conversations(
+            tokenizer, items, template, config.max_length, config.train_on_prompt
+        )
+        return CausalLMData(examples, truncated=truncated, chat_template=template)
+
+    return encoded(conversations), encoded(held) if held is not None else None
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:

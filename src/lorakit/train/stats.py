@@ -44,12 +44,24 @@ class RunStats:
         self.win_loss, self.win_weight, self.win_examples, self.win_time = 0.0, 0, 0, 0.0
 
     def record_eval(self, step: int, result: dict[str, Any], value: float, higher_is_better: bool) -> bool:
-        """Count an evaluation whose metric is `value`; whether it is the best so far."""
-        if self.best is None or (value > self.best if higher_is_better else value < self.best):
+        """Count an evaluation whose metric is `value`; whether it is the best so far. A tie
+        (accuracy on a small eval set moves in steps of 1/n) goes to the lower eval loss; it
+        replaces the best adapter but is no improvement for --early-stopping, which watches the
+        metric itself (so patience means what it always has)."""
+        if self.best is None or _better(value, self.best, higher_is_better):
             self.best, self.best_step, self.bad_evals, self.best_eval = value, step, 0, result
             return True
         self.bad_evals += 1
+        if self._wins_tie(value, result):
+            self.best_step, self.best_eval = step, result
+            return True
         return False
+
+    def _wins_tie(self, value: float, result: dict[str, Any]) -> bool:
+        """`value` equals the best, and `result` has a strictly lower "loss" than the best evaluation."""
+        best_loss = (self.best_eval or {}).get("loss")
+        loss = result.get("loss")
+        return value == self.best and loss is not None and best_loss is not None and loss < best_loss
 
     def to_book(self) -> dict[str, Any]:
         """The checkpoint's "book": every field, "best_eval" only once there is one."""
@@ -63,3 +75,7 @@ class RunStats:
         """The RunStats a checkpoint's "book" holds (missing keys keep their start value)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in book.items() if k in names})
+
+
+def _better(value: float, best: float, higher_is_better: bool) -> bool:
+    return value > best if higher_is_better else value < best
