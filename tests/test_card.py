@@ -248,3 +248,18 @@ def test_predict_merge_generate_from_another_folder_use_the_cards_base(carded):
     got = ok(lorakit_cli(elsewhere, "generate --adapter", folders["lm"], *prompt))
     want = ok(lorakit_cli(work, "generate --model gpt --adapter", folders["lm"], *prompt))
     assert got == want
+
+
+def test_inspect_shows_the_card(tmp_path, capsys):
+    from lorakit.cli import main
+
+    folder = saved_adapter(tmp_path / "a")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["card"] is None
+    write_card(folder, AdapterCard(task="classify", labels=LABELS, text_column="review", base=str(tmp_path / "gone")))
+    assert main(["inspect", str(folder), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)["card"]
+    assert (card["labels"], card["text_column"], card["base_here"]) == (LABELS, "review", None)
+    assert main(["inspect", str(folder)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("card "))
+    assert "neg, neu, pos" in line and "(not here)" in line and "text_column=review" in line
