@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UsageError
+from lorakit.files.card import CARD_KEY  # noqa: F401  (the README.md line of an adapter card; importable here)
 
 CLASSIFY, CAUSAL_LM, OTHER = "classify", "causal-lm", "base"
 
@@ -45,16 +46,17 @@ CLASSIFIER_HEADS = ("classifier", "score")
 # RoBERTa-style heads keep theirs in classifier.out_proj.
 _HEAD_WEIGHTS = tuple(f"{name}.weight" for name in CLASSIFIER_HEADS) + ("classifier.out_proj.weight",)
 
-CARD_KEY = "lorakit:"  # README.md front-matter line of an adapter: its task and label names (JSON)
 
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 _NO_LIMIT = 1_000_000  # tokenizers say "no limit" with a huge sentinel (int(1e30))
 
 
 # --- where the base model is --------------------------------------------------------------
-def model_path(given: str | os.PathLike | None, task: str) -> Path:
-    """The --model folder (checked), or the packaged default for `task`: the small SST-2 GPT
-    for causal-lm, MiniLM otherwise. Each problem is one UsageError line."""
+def model_path(given: str | os.PathLike | None, task: str, adapter: str | os.PathLike | None = None) -> Path:
+    """The base model folder every command uses, picked one way: the --model folder (checked)
+    wins; else the base `adapter` records (its card's, resolved on this install, else an
+    existing folder its adapter_config.json names); else the packaged default for `task`: the
+    small SST-2 GPT for causal-lm, MiniLM otherwise. Each problem is one UsageError line."""
     if given:
         path = Path(given)
         if not path.is_dir():
@@ -62,12 +64,40 @@ def model_path(given: str | os.PathLike | None, task: str) -> Path:
         if not (path / "config.json").is_file():
             raise UsageError(f"--model {given}: not a Hugging Face model folder (no config.json there); check the path")
         return path
+    recorded = recorded_base(adapter) if adapter is not None else None
+    if recorded is not None:
+        return recorded
     from lorakit import defaults
 
     try:
         return defaults.default_causal_lm_path() if task == CAUSAL_LM else defaults.default_model_path()
     except FileNotFoundError as err:
         raise UsageError(f"no --model given and the default model is unavailable ({err}); pass --model") from None
+
+
+def recorded_base(adapter: str | os.PathLike) -> Path | None:
+    """The base folder adapter folder `adapter` was made on, when it says so: its card's base
+    (a UsageError when the card names one that is not here: never a quiet fall-back to another
+    model), else base_model_name_or_path when that is a model folder here; None otherwise."""
+    from lorakit.files.card import read_card as read_adapter_card
+
+    card = read_adapter_card(adapter)
+    if card is not None and card.base:
+        found = card.base_path()
+        if found is None:
+            raise UsageError(
+                f"{adapter} was trained on base {card.base!r}, which is not a model folder here; "
+                "pass --model BASE_DIR (the same base)"
+            )
+        return found
+    try:
+        data = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # read_adapter reports a broken folder when the adapter is loaded
+    named = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if isinstance(named, str) and named and (Path(named) / "config.json").is_file():
+        return Path(named)
+    return None
 
 
 # --- what the model is for ----------------------------------------------------------------
@@ -204,44 +234,39 @@ class AdapterTask:
     num_labels: int | None  # rows of the saved classifier head (None: no head saved)
     labels: list[str] | None  # label names from the lorakit model card (None: no card or none there)
     base: str | None  # base_model_name_or_path from adapter_config.json
+    card: Any = None  # the folder's lorakit.files.card.AdapterCard (None: it has none)
 
 
 def adapter_task(folder: str | os.PathLike) -> AdapterTask:
     """The task of an adapter folder: its lorakit card (README.md, written by `lorakit train`),
     else adapter_config.json's task_type, else classify when a classifier head is saved.
-    The folder is validated first (AdapterError when broken)."""
+    The folder (and its card) is validated first (AdapterError when broken)."""
+    from lorakit.files.card import read_card as read_adapter_card
     from lorakit.files.peft_format import read_adapter
 
     _, tensors, _ = read_adapter(folder)
     folder = Path(folder)
     data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    card = read_card(folder)
+    card = read_adapter_card(folder)
     heads = [t for k, t in tensors.items() if any(k == h or k.endswith("." + h) for h in _HEAD_WEIGHTS)]
     num_labels = int(heads[0].shape[0]) if heads else None
     task_type = data.get("task_type")
-    task = card.get("task") or PEFT_TASKS.get(str(task_type))
+    task = (card.task if card else None) or PEFT_TASKS.get(str(task_type))
     if task is None and num_labels is not None:
         task = CLASSIFY
-    labels = card.get("labels")
     return AdapterTask(
         task=task,
         task_type=task_type,
         num_labels=num_labels,
-        labels=[str(n) for n in labels] if isinstance(labels, list) else None,
+        labels=card.labels if card else None,
         base=data.get("base_model_name_or_path"),
+        card=card,
     )
 
 
 def read_card(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The task info `lorakit train` stored in the adapter's README.md ({} when it has no lorakit card)."""
-    card = Path(adapter_dir) / "README.md"
-    if not card.is_file():
-        return {}
-    for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith(CARD_KEY):
-            try:
-                info = json.loads(line[len(CARD_KEY) :])
-            except json.JSONDecodeError:
-                return {}
-            return info if isinstance(info, dict) else {}
-    return {}
+    """The adapter's card (lorakit.files.card) as a plain dict ({} when it has none)."""
+    from lorakit.files.card import read_card as read_adapter_card
+
+    card = read_adapter_card(adapter_dir)
+    return card.to_json() if card is not None else {}

@@ -18,7 +18,16 @@ from lorakit import hf
 from lorakit.errors import UsageError
 from lorakit.hf import CAUSAL_LM, CLASSIFY, OTHER, load_tokenizer
 
-__all__ = ["CAUSAL_LM", "CLASSIFY", "OTHER", "add_model_arguments", "label_names", "load_adapted", "load_tokenizer"]
+__all__ = [
+    "CAUSAL_LM",
+    "CLASSIFY",
+    "OTHER",
+    "add_model_arguments",
+    "fill_from_card",
+    "label_names",
+    "load_adapted",
+    "load_tokenizer",
+]
 
 
 def add_model_arguments(parser: Any, model_help: str, adapter_help: str) -> None:
@@ -26,6 +35,18 @@ def add_model_arguments(parser: Any, model_help: str, adapter_help: str) -> None
     parser.add_argument("--model", help=model_help)
     parser.add_argument("--adapter", help=adapter_help)
     parser.add_argument("--force", action="store_true", help="skip the check that the adapter fits this base")
+
+
+def fill_from_card(args: Any, adapter: str | os.PathLike | None, defaults: dict[str, str | None]) -> None:
+    """Set each option named in `defaults` that the user left unset (None): to the value the
+    adapter's card records (the columns it was trained on), else to the default given here."""
+    from lorakit.files.card import read_card
+
+    card = read_card(adapter) if adapter is not None and Path(adapter).is_dir() else None
+    recorded = card.columns() if card is not None else {}
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, recorded.get(name, default))
 
 
 def label_names(adapter: str | os.PathLike | None, model_config: Any, num_labels: int) -> list[str]:
@@ -57,20 +78,21 @@ def load_adapted(
     model: str | None, adapter: str | None, *, task: str | None = None, force: bool = False
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model in eval mode with the adapter loaded, tokenizer or None, info) where info holds
-    "task", "labels" (classifier names or None), "model" and "adapter" paths.
+    "task", "labels" (classifier names or None), "model" and "adapter" paths, and "card" (the
+    adapter's AdapterCard or None). The base is hf.model_path's: --model, else the adapter's.
 
     The model class follows the adapter's task_type (or the base's architecture); a
     classifier gets as many outputs as the adapter's saved head. Bad paths, an adapter for
     another base and unreadable files raise LorakitError subclasses (one line each)."""
     from lorakit.files.peft_format import load_adapter
 
-    num_labels = None
+    num_labels, card = None, None
     if adapter is not None:
         saved = hf.adapter_task(adapter)
         if task and saved.task and task != saved.task:
             raise UsageError(f"{adapter} is a {saved.task} adapter; this command needs a {task} adapter")
-        task, num_labels = task or saved.task, saved.num_labels
-    path = hf.model_path(model, task or CLASSIFY)
+        task, num_labels, card = task or saved.task, saved.num_labels, saved.card
+    path = hf.model_path(model, task or CLASSIFY, adapter)  # --model, else the adapter's base, else the default
     task = task or hf.model_task(path)
     config = hf.load_config(path)
     if task == CLASSIFY and num_labels is not None and getattr(config, "num_labels", None) != num_labels:
@@ -84,7 +106,7 @@ def load_adapted(
     if labels:  # carried into anything saved from this model (a merged folder)
         net.config.id2label = dict(enumerate(labels))
         net.config.label2id = {name: i for i, name in enumerate(labels)}
-    return net, tokenizer, {"task": task, "labels": labels, "model": path, "adapter": adapter}
+    return net, tokenizer, {"task": task, "labels": labels, "model": path, "adapter": adapter, "card": card}
 
 
 def _from_pretrained(path: Path, task: str, config: Any, tokenizer: Any = None) -> nn.Module:

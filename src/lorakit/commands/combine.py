@@ -8,6 +8,8 @@ Methods (per adapted module, c_i = weight_i * alpha_i / r_i):
   linear  PEFT's add_weighted_adapter "linear": A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i
           (equal ranks; B A includes cross terms between adapters, so it is not the exact sum)
 Weights default to an even mix (1/n each). The adapters must be for the same base and modules.
+Classifier adapters each carry their own head (classifier, maybe pooler), which cannot be mixed:
+--head-from A keeps input A's head (and its label names).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", help="comma-separated weights, one per adapter (default: 1/n each)")
     parser.add_argument("--rank", type=int, help="target rank for --method svd (default: the largest input rank)")
+    parser.add_argument(
+        "--head-from", metavar="NAME", help="classifier adapters: the input (path or folder name) whose head to keep"
+    )
 
 
 def parse_weights(text: str | None, count: int) -> list[float] | None:
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if len(adapters) < 2:
         raise UsageError(f"combine needs two or more adapter folders, got {len(adapters)}")
     weights = parse_weights(args.weights, len(adapters))
-    out = combine(adapters, args.out, method=args.method, weights=weights, rank=args.rank)
+    out = combine(adapters, args.out, method=args.method, weights=weights, rank=args.rank, head_from=args.head_from)
     shown = ", ".join(f"{w:g}" for w in weights) if weights else "even"
-    print(f"combined {len(adapters)} adapters ({args.method}, weights {shown}) -> {out}")
+    head = f", head from {args.head_from}" if args.head_from else ""
+    print(f"combined {len(adapters)} adapters ({args.method}, weights {shown}{head}) -> {out}")
     return 0

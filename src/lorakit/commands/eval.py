@@ -1,6 +1,6 @@
 """Evaluate a trained adapter on a data file: accuracy and macro-F1 (classify) or loss and
-perplexity (causal-lm). The task and the label set come from the adapter (its lorakit card,
-else its adapter_config.json and saved head).
+perplexity (causal-lm). The task, the label set, the base model and the data columns come from the adapter (its
+lorakit card, else its adapter_config.json and saved head); flags given win.
 
   lorakit eval --adapter runs/sst2/adapter --data dev.tsv
   lorakit eval --model ./gpt --adapter runs/chat --data test.jsonl --json
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorakit.errors import UsageError
 
+COLUMN_DEFAULTS = {"text_column": "text", "label_column": "label", "prompt_column": None, "completion_column": None}
 HELP = "evaluate an adapter on a data file (accuracy / macro-F1, or loss / perplexity)"
 
 
@@ -22,10 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model folder (default: the one the adapter was trained on)")
     parser.add_argument("--adapter", metavar="DIR", help="adapter folder, or a `lorakit train` run folder")
     parser.add_argument("--data", metavar="FILE", help="evaluation data: .jsonl, .csv or .tsv")
-    parser.add_argument("--text-column", default="text", help="text column (default: text, else sentence)")
-    parser.add_argument("--label-column", default="label", help="label column for classify (default: label)")
-    parser.add_argument("--prompt-column", help="causal-lm: prompt column")
-    parser.add_argument("--completion-column", help="causal-lm: completion column")
+    recorded = "default: the adapter's training column, else"
+    parser.add_argument("--text-column", help=f"text column ({recorded} text or sentence)")
+    parser.add_argument("--label-column", help=f"label column for classify ({recorded} label)")
+    parser.add_argument("--prompt-column", help=f"causal-lm: prompt column ({recorded} none)")
+    parser.add_argument("--completion-column", help=f"causal-lm: completion column ({recorded} none)")
     parser.add_argument("--max-length", type=int, default=256, help="truncate examples to this many tokens")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -59,15 +61,17 @@ def run(args: argparse.Namespace) -> int:
     """Load base + adapter, evaluate, print the metrics."""
     import lorakit
     from lorakit.cli import require
+    from lorakit.commands._common import fill_from_card
+    from lorakit.hf import model_path
     from lorakit.train.data import CausalLMData, ClassificationData, read_table
     from lorakit.train.evaluate import evaluate
-    from lorakit.train.model import load_model, load_tokenizer, max_tokens, model_path
+    from lorakit.train.model import load_model, load_tokenizer, max_tokens
 
     require(args, "adapter", "data")
     folder = adapter_folder(args.adapter)
-    task, labels, base = evaluation_task(folder)
-    given = args.model or (base if base and (Path(base) / "config.json").is_file() else None)
-    path = model_path(given, task)
+    task, labels, _ = evaluation_task(folder)
+    fill_from_card(args, folder, COLUMN_DEFAULTS)
+    path = model_path(args.model, task, folder)  # --model, else the adapter's recorded base, else the default
     tokenizer = load_tokenizer(path)
     rows = read_table(args.data)
     limit = max_tokens(path, tokenizer, args.max_length)

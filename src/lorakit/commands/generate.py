@@ -2,7 +2,8 @@
 
 Greedy decoding when --temperature is 0 (the default), else sampling with --temperature and
 --top-p from a seeded generator, so the same --seed gives the same text. Without --model the
-small GPT that lorakit ships (trained on SST-2 text) is used when it is installed.
+base the adapter was trained on (its card) is used, else the small GPT that lorakit ships
+(trained on SST-2 text) when it is installed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit generate`."""
     add_model_arguments(
         parser,
-        model_help="base causal LM folder; default: lorakit's small SST-2 GPT",
+        model_help="base causal LM folder; default: the adapter's base (its card), else lorakit's small SST-2 GPT",
         adapter_help="adapter folder (PEFT format); optional",
     )
     parser.add_argument("--prompt", action="append", help="the prompt (repeat for several)")

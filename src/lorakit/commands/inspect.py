@@ -104,6 +104,7 @@ def describe(adapter: str | Path, model: Any = None) -> dict[str, Any]:
         "weights_bytes": files.get(WEIGHTS_NAME, 0),
         "base_fingerprint": metadata.get(FINGERPRINT_KEY),
         "peft": peft_check(folder, raw, tensors),
+        "card": _card(folder),
     }
     if model is not None:
         report["coverage"] = coverage(config, tensors, model)
@@ -155,6 +156,28 @@ def peft_check(folder: Path, raw: dict[str, Any], tensors: dict[str, Any]) -> di
     return {"loadable": not problems, "checked_with": checked_with, "problems": problems}
 
 
+def _card(folder: Path) -> dict[str, Any] | None:
+    """The adapter card (README.md) as a dict, with the base it resolves to here; None without one."""
+    from lorakit.files.card import read_card
+
+    card = read_card(folder)
+    if card is None:
+        return None
+    found = card.base_path()
+    return {**card.to_json(), "base_here": str(found) if found else None}
+
+
+def _card_text(card: dict[str, Any] | None) -> str:
+    if card is None:
+        return "card           none (no lorakit README.md)"
+    columns = [f"{k}={v}" for k, v in card.items() if k.endswith("_column")]
+    where = f"here: {card['base_here']}" if card["base_here"] else "not here"
+    return (
+        f"card           {card.get('task') or 'no task'}, labels {', '.join(card.get('labels') or []) or 'n/a'}, "
+        f"base {card.get('base') or 'not recorded'} ({where})" + (f", columns {', '.join(columns)}" if columns else "")
+    )
+
+
 def _as_text(report: dict[str, Any]) -> str:
     kib = report["weights_bytes"] / 1024
     peft = report["peft"]
@@ -173,6 +196,7 @@ def _as_text(report: dict[str, Any]) -> str:
         + f" + {report['params']['saved_modules']:,} in saved modules), {', '.join(report['dtypes'])}",
         f"weights file   {kib:,.1f} KiB",
         f"PEFT loadable  {verdict} (checked with {peft['checked_with']})",
+        _card_text(report["card"]),
         f"adapted modules ({len(report['targets'])}):",
     ]
     width = max((len(t["module"]) for t in report["targets"]), default=10)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit merge`."""
     add_model_arguments(
         parser,
-        model_help="base model folder (Hugging Face format); default: the packaged MiniLM",
+        model_help="base model folder (Hugging Face format); default: the adapter's base (its card), else packaged",
         adapter_help="adapter folder (PEFT format: adapter_config.json + safetensors)",
     )
     parser.add_argument("--out", help="folder to write the merged model to (must be new or empty)")

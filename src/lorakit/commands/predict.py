@@ -24,12 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lorakit predict`."""
     add_model_arguments(
         parser,
-        model_help="base model folder; default: the packaged MiniLM",
+        model_help="base model folder; default: the adapter's base (its card), else the packaged MiniLM",
         adapter_help="adapter folder (PEFT format); omit it for a merged classifier folder",
     )
     parser.add_argument("--data", help="JSONL, CSV or TSV file with a text column")
     parser.add_argument("--text", action="append", help="a text to classify (repeat for several)")
-    parser.add_argument("--text-column", default="text", help="column of --data to read (default: text, or sentence)")
+    parser.add_argument(
+        "--text-column", help="column of --data to read (default: the adapter's training column, else text or sentence)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens kept per text (default: 256)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line with every probability")
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, classify in batches, print."""
-    from lorakit.commands._common import CLASSIFY, load_adapted
+    from lorakit.commands._common import CLASSIFY, fill_from_card, load_adapted
     from lorakit.errors import UsageError
 
     if not args.data and not args.text:
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --text or --data, not both")
     if args.batch_size < 1 or args.max_length < 1:
         raise UsageError("--batch-size and --max-length must be at least 1")
+    fill_from_card(args, args.adapter, {"text_column": "text"})
     texts = read_texts(args.data, args.text_column) if args.data else list(args.text)
     model, tokenizer, info = load_adapted(args.model, args.adapter, force=args.force)
     if info["task"] != CLASSIFY:

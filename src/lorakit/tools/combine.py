@@ -15,7 +15,9 @@ With weights w_i and each adapter's scaling s_i (alpha_i / r_i), per adapted mod
 
 The result has alpha = r in every module (scaling 1; per-module ranks in rank_pattern). The
 inputs must adapt the same modules of the same base (same base fingerprint when recorded);
-modules saved in full (heads, biases) must be identical in all of them.
+tensors saved in full must be identical in all of them, except the heads (modules_to_save,
+e.g. a classifier and its pooler): every classifier adapter trains its own, and a head cannot
+be mixed, so `head_from` names the input whose heads the result keeps (with its label names).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lorakit.errors import UsageError
+from lorakit.files.card import read_card, write_card
 from lorakit.files.peft_format import (
     CONFIG_NAME,
     FINGERPRINT_KEY,
@@ -54,6 +57,16 @@ class _Adapter:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[str, str]]]  # module -> (A, B, key suffixes)
     full: dict[str, torch.Tensor]  # tensors saved in full (heads, biases)
     fingerprint: str | None
+
+    def head_keys(self) -> set[str]:
+        """The full tensors that belong to a module saved in full (modules_to_save: the heads)."""
+        names = self.raw.get("modules_to_save") or []
+        return {k for k in self.full if any(_inside(k, n) for n in names)}
+
+
+def _inside(key: str, module: str) -> bool:
+    """Whether tensor `key` belongs to a module whose name ends with `module` (PEFT's suffix match)."""
+    return key.startswith(module + ".") or f".{module}." in key
 
 
 def _read(path: str | os.PathLike) -> _Adapter:
@@ -105,11 +118,46 @@ def _check_compatible(adapters: list[_Adapter]) -> None:
                     f"{module}: {first.path} has shape {(B.shape[0], A.shape[1])} but {other.path} "
                     f"{(B2.shape[0], A2.shape[1])}; these adapters are for different bases"
                 )
-        if set(first.full) != set(other.full) or any(not torch.equal(v, other.full[k]) for k, v in first.full.items()):
-            raise AdapterError(
-                f"{first.path} and {other.path} save different full modules or biases (e.g. trained heads); "
-                "combine mixes LoRA updates only: combine adapters whose saved modules are identical"
-            )
+        _check_full_tensors(first, other)
+
+
+def _check_full_tensors(first: _Adapter, other: _Adapter) -> None:
+    """The same full tensors; equal values, except in the heads (see _differing_heads)."""
+    heads = first.head_keys() | other.head_keys()
+    if set(first.full) != set(other.full) or any(
+        not torch.equal(v, other.full[k]) for k, v in first.full.items() if k not in heads
+    ):
+        raise AdapterError(
+            f"{first.path} and {other.path} save different full modules or biases (e.g. trained heads); "
+            "combine mixes LoRA updates only: combine adapters whose saved modules are identical"
+        )
+
+
+def _differing_heads(adapters: list[_Adapter]) -> list[str]:
+    """The head modules (modules_to_save) whose saved tensors differ between the inputs."""
+    first = adapters[0]
+    keys = sorted(k for k in first.head_keys() if any(not torch.equal(first.full[k], a.full[k]) for a in adapters))
+    return sorted({k.rsplit(".", 1)[0] for k in keys})
+
+
+def _head_index(paths: list[str | os.PathLike], head_from: str | os.PathLike | int) -> int:
+    """Which input `head_from` names: its index, or the path as given, resolved, or its folder's
+    name (the first of these that names exactly one input)."""
+    if isinstance(head_from, int) and not isinstance(head_from, bool):
+        if 0 <= head_from < len(paths):
+            return head_from
+    else:
+        given = Path(head_from)
+        tests = (
+            lambda p: str(p) == str(head_from),
+            lambda p: Path(p).resolve() == given.resolve(),
+            lambda p: Path(p).name == str(head_from),
+        )
+        for test in tests:
+            hits = [i for i, p in enumerate(paths) if test(p)]
+            if len(hits) == 1:
+                return hits[0]
+    raise UsageError(f"--head-from {head_from}: not one of the inputs ({', '.join(map(str, paths))}); give one of them")
 
 
 def _combine_module(
@@ -135,17 +183,8 @@ def _combine_module(
     return A, B
 
 
-def combine_adapters(
-    paths: list[str | os.PathLike],
-    method: str = "cat",
-    weights: list[float] | None = None,
-    rank: int | None = None,
-) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
-    """Combine the adapter folders `paths`; return (adapter_config dict, tensors with PEFT keys, metadata).
-
-    `weights` defaults to 1/n each (an even mix). `rank` is the target rank of method "svd".
-    Nothing is written; `combine` writes the folder.
-    """
+def _check_options(paths: list, method: str, weights: list[float] | None, rank: int | None) -> list[float]:
+    """The weights to use (1/n each by default); one UsageError for an option that does not fit."""
     if method not in METHODS:
         raise UsageError(f"method {method!r} is not known: use one of {', '.join(METHODS)}")
     if len(paths) < 1:
@@ -155,10 +194,51 @@ def combine_adapters(
         raise UsageError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
     if rank is not None and (method != "svd" or not isinstance(rank, int) or rank <= 0):
         raise UsageError(f"rank={rank!r}: a positive target rank, for method svd only")
+    return weights
+
+
+def _head_source(adapters: list[_Adapter], head_from: str | os.PathLike | int | None) -> int | None:
+    """The index of the input whose heads the result keeps: `head_from`'s, or None when the heads
+    are all equal (nothing to choose). Differing heads without `head_from` are refused."""
+    paths = [a.path for a in adapters]
+    if head_from is not None:
+        index = _head_index(paths, head_from)
+        if not adapters[index].head_keys():
+            raise UsageError(f"--head-from {head_from}: these adapters save no head (modules_to_save) to choose")
+        return index
+    differing = _differing_heads(adapters)
+    if differing:
+        raise UsageError(
+            f"the inputs save different heads ({', '.join(differing)}): a head cannot be mixed, so choose "
+            f"which input's head the result keeps with --head-from, e.g. --head-from {paths[0]}"
+        )
+    return None
+
+
+def combine_adapters(
+    paths: list[str | os.PathLike],
+    method: str = "cat",
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    head_from: str | os.PathLike | int | None = None,
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """Combine the adapter folders `paths`; return (adapter_config dict, tensors with PEFT keys, metadata).
+
+    `weights` defaults to 1/n each (an even mix). `rank` is the target rank of method "svd".
+    `head_from` (an input's path, folder name or index) is the input whose heads
+    (modules_to_save) the result keeps; needed when the inputs' heads differ.
+    Nothing is written; `combine` writes the folder.
+    """
+    weights = _check_options(paths, method, weights, rank)
     adapters = [_read(p) for p in paths]
     _check_compatible(adapters)
+    source = _head_source(adapters, head_from)
     first = adapters[0]
-    out_tensors: dict[str, torch.Tensor] = {PREFIX + k: v for k, v in first.full.items()}
+    full = dict(first.full)
+    if source is not None:
+        chosen = adapters[source]
+        full.update({k: chosen.full[k] for k in chosen.head_keys()})
+    out_tensors: dict[str, torch.Tensor] = {PREFIX + k: v for k, v in full.items()}
     ranks: dict[str, int] = {}
     for module, (A0, _, (a_suffix, b_suffix)) in first.factors.items():
         coeffs = [w * a.scaling[module] for w, a in zip(weights, adapters, strict=True)]
@@ -178,7 +258,12 @@ def combine_adapters(
         alpha_pattern=dict(pattern),
         inference_mode=True,
     )
-    metadata = {"format": "pt", "lorakit_combine": json.dumps({"method": method, "weights": weights})}
+    recipe = {
+        "method": method,
+        "weights": weights,
+        **({"head_from": adapters[source].path} if source is not None else {}),
+    }
+    metadata = {"format": "pt", "lorakit_combine": json.dumps(recipe)}
     if first.fingerprint:
         metadata[FINGERPRINT_KEY] = first.fingerprint
     return config, out_tensors, metadata
@@ -190,10 +275,18 @@ def combine(
     method: str = "cat",
     weights: list[float] | None = None,
     rank: int | None = None,
+    head_from: str | os.PathLike | int | None = None,
 ) -> Path:
-    """Combine adapter folders `paths` into the adapter folder `out` (written atomically)."""
-    config, tensors, metadata = combine_adapters(paths, method, weights, rank)
+    """Combine adapter folders `paths` into the adapter folder `out` (written atomically). The
+    result's card (README.md) is that of the input whose head it keeps (the first when all are
+    equal): the head's label names and columns, the inputs' base."""
+    config, tensors, metadata = combine_adapters(paths, method, weights, rank, head_from)
     sources = {Path(p).resolve() for p in paths}
     if Path(out).resolve() in sources:
         raise UsageError(f"--out {out} is one of the inputs: write the combined adapter to a new folder")
-    return write_adapter_folder(out, config, tensors, metadata)
+    folder = write_adapter_folder(out, config, tensors, metadata)
+    index = 0 if head_from is None else _head_index(list(paths), head_from)
+    card = read_card(paths[index]) or read_card(paths[0])
+    if card is not None:
+        write_card(folder, replace(card, base_fingerprint=None, lorakit_version=None))
+    return folder
