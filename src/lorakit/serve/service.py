@@ -130,9 +130,10 @@ class ServeService:
     def chat_prompt(self, grant: Grant | None, body: Any) -> str:
         """The chat template applied to the messages, after the key check (the template runs client input)."""
         engine = self.require_engine()
-        self.adapter_for(grant, body.model)
+        adapter = self.adapter_for(grant, body.model)
         try:
-            return engine.chat_prompt([m.model_dump() for m in body.messages])
+            template = self.registry.info(adapter).template if adapter is not None else None
+            return engine.chat_prompt([m.model_dump() for m in body.messages], template)
         except Exception as err:  # a template may refuse roles or orders (jinja raises its own errors)
             raise APIError(400, f"the messages do not fit the chat template: {err}", param="messages") from None
 
@@ -201,7 +202,13 @@ class ServeService:
             if self.registry is not None:
                 self.registry.unpin(adapter)
 
-    def label_names(self) -> dict | None:
+    def label_names(self, adapter: str | None = None, count: int | None = None) -> dict | None:
+        """Output index -> label name under `adapter`: the names its card gives (when it gives
+        `count` of them: the adapter's own head), else the base config's id2label."""
+        if adapter is not None and self.registry is not None:
+            labels = self.registry.info(adapter).labels
+            if labels and (count is None or len(labels) == count):
+                return dict(enumerate(labels))
         return getattr(self.multi.model.config, "id2label", None)
 
     # ------------------------------------------------------------------ adapters
