@@ -133,3 +133,13 @@ def test_a_classifier_trained_by_lorakit_on_the_packaged_minilm_serves_as_traine
     for row, probs in zip(rows, expected, strict=True):
         assert list(row["probabilities"]) == labels
         assert list(row["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-5)
+
+
+def test_loading_a_classifier_of_another_label_count_later_says_so_in_labels(bert_dir, tmp_path):
+    from lorakit.files.peft_format import AdapterError
+
+    app, _, _ = build(bert_dir, {"topics": make_classifier(tmp_path / "topics", LABELS["topics"], 1)})
+    two = make_classifier(tmp_path / "two", ["no", "yes"], 2)
+    with pytest.raises(AdapterError, match="is a classifier of 2 labels and this server's has 3") as err:
+        app.state.service.registry.register("two", two, trusted=True)
+    assert "shape" not in str(err.value)

@@ -33,6 +33,7 @@ from lorakit.core.layers import LoraLayer, is_linear
 from lorakit.core.layers.linear import linear_dims
 from lorakit.files.peft_format import AdapterError, read_adapter
 from lorakit.files.plan import LoadPlan, check_fingerprint, is_dora_file, plan_adapter
+from lorakit.hf import CLASSIFIER_HEADS
 
 
 class UnknownAdapterError(AdapterError):
@@ -233,6 +234,7 @@ class MultiLoraModel:
         # DoRA rescales W + dW per output: not a gathered low-rank add (config flag or saved magnitudes)
         if is_dora_file(config, tensors):
             raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
+        self._check_head_sizes(path, tensors)
         plan = plan_adapter(config, tensors, self.model, source=str(path), strict=False)
         error = plan.failure(f"{path} cannot be served here", self._serve_problems(plan))
         if error is not None:
@@ -240,6 +242,19 @@ class MultiLoraModel:
         check_fingerprint(plan.targets, metadata, str(path), force=force, remedy="serve the base it was trained on")
         layers = {n: (e.A, e.B, e.scaling) for n, e in plan.layers.items()}
         return AdapterPlan(Path(path), layers=layers, heads=plan.saved)
+
+    def _check_head_sizes(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+        """A classifier trained on another number of labels, said in labels (not tensor shapes):
+        one server's classifier head has one output size, every adapter's head must share it."""
+        for name, module in walk(self.model):
+            weight = tensors.get(f"{name}.weight")
+            if name.rpartition(".")[2] not in CLASSIFIER_HEADS or not isinstance(module, nn.Linear) or weight is None:
+                continue
+            if weight.dim() == 2 and weight.shape[0] != module.out_features:
+                raise AdapterError(
+                    f"{path} is a classifier of {weight.shape[0]} labels and this server's has "
+                    f"{module.out_features}: serve it from a server started with {weight.shape[0]}-label adapters"
+                )
 
     def _serve_problems(self, plan: LoadPlan) -> list[str]:
         """What a valid adapter may not do in mixed batches over this hooked base."""
