@@ -28,12 +28,12 @@ LABELS = {"topics": ["food", "money", "sports"], "moods": ["sad", "calm", "happy
 TEXTS = ["a good movie", "a bad film with a slow plot", "the cat sat on the mat"]
 
 
-def make_classifier(folder, labels: list[str], seed: int, modules_to_save=("classifier",)):
-    """A classify adapter as `lorakit train` saves one: LoRA on every linear layer, the head
-    trained in full (modules_to_save), the card with the label names."""
+def make_classifier(folder, labels: list[str], seed: int, modules_to_save=("classifier",), targets="all-linear"):
+    """A classify adapter as `lorakit train` saves one: LoRA on every linear layer (`targets`),
+    the head trained in full (modules_to_save), the card with the label names."""
     model = tiny.bert(0)
     model.classifier = torch.nn.Linear(model.config.hidden_size, len(labels))
-    lora = inject(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=list(modules_to_save)))
+    lora = inject(model, LoraConfig(r=4, alpha=8, target_modules=targets, modules_to_save=list(modules_to_save)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in lora.named_parameters():
@@ -143,3 +143,17 @@ def test_loading_a_classifier_of_another_label_count_later_says_so_in_labels(ber
     with pytest.raises(AdapterError, match="is a classifier of 2 labels and this server's has 3") as err:
         app.state.service.registry.register("two", two, trusted=True)
     assert "shape" not in str(err.value)
+
+
+def test_a_saved_pooler_is_used_per_row_next_to_an_adapter_with_lora_on_it(bert_dir, tmp_path):
+    """One adapter trains BERT's pooler in full (modules_to_save), the other puts LoRA on the
+    pooler's dense layer: in one batch, each row is its adapter alone."""
+    saved = make_classifier(tmp_path / "saved", LABELS["topics"], 1, ("classifier", "pooler"), ["query", "value"])
+    lora = make_classifier(tmp_path / "lora", LABELS["moods"], 2)
+    app, _, _ = build(bert_dir, {"saved": saved, "lora": lora})
+    service = app.state.service
+    batch = service.tokenizer([TEXTS[1]] * 3, padding=True, return_tensors="pt")
+    with torch.no_grad(), service.multi.use(["saved", "lora", "saved"]):
+        probs = service.multi.model(**batch).logits.softmax(-1)
+    for i, folder in enumerate((saved, lora, saved)):
+        assert probs[i].tolist() == pytest.approx(alone(folder, [TEXTS[1]])[0].tolist(), abs=1e-5), i
