@@ -65,7 +65,8 @@ def bert_dir(tmp_path_factory):
 def build(model_dir, adapters: dict) -> tuple:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
-    flags = ["--model", str(model_dir)] + [f"--adapter={name}={path}" for name, path in adapters.items()]
+    flags = [f"--adapter={name}={path}" for name, path in adapters.items()]
+    flags += [] if model_dir is None else ["--model", str(model_dir)]
     return serve.build_app(parser.parse_args(flags))
 
 
@@ -126,6 +127,10 @@ def test_a_classifier_trained_by_lorakit_on_the_packaged_minilm_serves_as_traine
     texts = ["We split the rent three ways.", "The lake froze over."]
     with TestClient(app) as http:
         rows = http.post("/v1/classify", json={"model": "reviews", "input": texts}).json()["data"]
+    app, base, _ = build(None, {"reviews": out / "adapter"})  # a classifier adapter: MiniLM is the default base
+    with TestClient(app) as http:
+        assert http.post("/v1/classify", json={"model": "reviews", "input": texts}).json()["data"] == rows
+    assert base == defaults.default_model_path().name
     model, tokenizer, info = load_adapted(str(defaults.default_model_path()), str(out / "adapter"))
     with torch.no_grad():
         expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
