@@ -22,7 +22,7 @@ from lorakit.commands import serve
 from lorakit.files.peft_format import save_adapter
 from lorakit.serve import AdapterRegistry, MultiLoraModel
 from lorakit.serve.app import create_app
-from lorakit.train.chat import DEFAULT_CHAT_TEMPLATE, TEMPLATE_FILE, write_template
+from lorakit.train.chat import DEFAULT_CHAT_TEMPLATE, TEMPLATE_FILE, encode_conversation, write_template
 
 # Two templates over words the tiny tokenizer knows, so every rendered word is one known id.
 TEMPLATES = {
@@ -148,4 +148,26 @@ def test_serve_with_no_arguments_serves_the_shipped_chat_adapter_as_chat(tmp_pat
         body = {"model": "chat", "messages": [{"role": "user", "content": "a fine film"}], "max_tokens": 3}
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200 and response.json()["model"] == "chat"
-    assert seen == [("chat", tokenizer("<|user|>\na fine film\n<|assistant|>\n")["input_ids"])]
+    # the template's text alone (no BOS the tokenizer would add), as training encodes it
+    prompt = tokenizer("<|user|>\na fine film\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    assert seen == [("chat", prompt)]
+    reply = [*body["messages"], {"role": "assistant", "content": "great"}]
+    trained = encode_conversation(tokenizer, reply, DEFAULT_CHAT_TEMPLATE, max_length=64).input_ids
+    assert trained[: len(prompt)] == prompt  # what the chat adapter saw in training before its answer
+
+
+def test_a_templated_prompt_is_tokenized_as_training_tokenizes_it_without_a_second_bos(chat_server):
+    """A tokenizer that adds a BOS by itself: the template's text is the whole prompt (the
+    trainer's encode_conversation tokenizes it with add_special_tokens=False too)."""
+    from tokenizers import processors
+
+    app, tokenizer, _, _ = chat_server
+    bos_first = processors.TemplateProcessing(single="[UNK] $A", special_tokens=[("[UNK]", 1)])
+    tokenizer._tokenizer.post_processor = bos_first
+    assert tokenizer("the")["input_ids"] == [1, tokenizer.convert_tokens_to_ids("the")]
+    with TestClient(app) as http:
+        seen = record_prompts(app.state.engine)
+        chat(http, "x")
+    text = jinja2.Template(TEMPLATES["x"]).render(messages=MESSAGES, add_generation_prompt=True)
+    assert seen == [("x", tokenizer(text, add_special_tokens=False)["input_ids"])]
+    assert seen[0][1][0] != 1

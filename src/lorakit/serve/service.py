@@ -127,7 +127,7 @@ class ServeService:
             raise APIError(400, CLASSIFIER_ONLY, code="unsupported")
         return self.engine
 
-    def chat_prompt(self, grant: Grant | None, body: Any) -> str:
+    def chat_prompt(self, grant: Grant | None, body: Any) -> str | list[int]:
         """The chat template applied to the messages, after the key check (the template runs client input)."""
         engine = self.require_engine()
         adapter = self.adapter_for(grant, body.model)
