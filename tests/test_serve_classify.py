@@ -162,3 +162,12 @@ def test_a_saved_pooler_is_used_per_row_next_to_an_adapter_with_lora_on_it(bert_
         probs = service.multi.model(**batch).logits.softmax(-1)
     for i, folder in enumerate((saved, lora, saved)):
         assert probs[i].tolist() == pytest.approx(alone(folder, [TEXTS[1]])[0].tolist(), abs=1e-5), i
+
+
+def test_label_names_of_an_adapter_removed_meanwhile_fall_back_to_the_base(bert_dir, tmp_path):
+    app, _, _ = build(bert_dir, {"topics": make_classifier(tmp_path / "topics", LABELS["topics"], 1)})
+    service = app.state.service
+    assert list(service.label_names("topics", 3).values()) == LABELS["topics"]
+    assert service.label_names("topics", 2) == service.multi.model.config.id2label  # not its head's size
+    service.registry.remove("topics")
+    assert service.label_names("topics", 3) == service.multi.model.config.id2label

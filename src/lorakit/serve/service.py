@@ -7,6 +7,7 @@ APIError with OpenAI's status, message and code.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from lorakit.serve.engine import Engine, RequestError
 from lorakit.serve.request import GenerationRequest
 from lorakit.serve.schemas import MAX_BODY, APIError, GenerationBody, parse_json, read_body, sampling_params, validate
 
+log = logging.getLogger(__name__)
 CLASSIFIER_ONLY = "this base model is a classifier: use POST /v1/classify"
 
 
@@ -205,10 +207,14 @@ class ServeService:
     def label_names(self, adapter: str | None = None, count: int | None = None) -> dict | None:
         """Output index -> label name under `adapter`: the names its card gives (when it gives
         `count` of them: the adapter's own head), else the base config's id2label."""
+        labels = None
         if adapter is not None and self.registry is not None:
-            labels = self.registry.info(adapter).labels
-            if labels and (count is None or len(labels) == count):
-                return dict(enumerate(labels))
+            try:
+                labels = self.registry.info(adapter).labels
+            except LorakitError:  # removed since its forward ran: the answer stands, named by the base
+                log.info("adapter %r left before its labels were read", adapter)
+        if labels and (count is None or len(labels) == count):
+            return dict(enumerate(labels))
         return getattr(self.multi.model.config, "id2label", None)
 
     # ------------------------------------------------------------------ adapters
