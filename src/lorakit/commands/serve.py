@@ -4,7 +4,8 @@ Every adapter is a model name: `"model": "positive"` in a request picks that ada
 model's own name picks the base. Requests with different adapters share one batch (continuous
 batching; each row runs with its own adapter).
 
-  lorakit serve                                   the shipped SST-2 GPT and its two adapters
+  lorakit serve                                   the shipped SST-2 GPT and its adapters (chat too)
+  lorakit serve --model MINILM --adapter reviews=run/adapter       a classifier from `lorakit train`
   lorakit serve --model DIR --adapter pos=DIR1 --adapter neg=DIR2 --api-keys keys.json
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from lorakit.errors import UsageError
 
+SHIPPED_ADAPTERS = ("positive", "negative", "chat")
 HELP = "serve a base model and many LoRA adapters over an OpenAI-compatible HTTP API"
 
 
@@ -60,6 +62,45 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def shipped_adapter_folder() -> Path:
+    """The folder of the adapters shipped for the default GPT (positive, negative, chat)."""
+    from lorakit import defaults
+
+    return next(iter(defaults.default_causal_lm_adapters().values())).parent
+
+
+def shipped_adapters(folder: Path) -> dict[str, Path]:
+    """What `lorakit serve` with no arguments serves: the shipped adapters present in `folder`,
+    the chat one included once it is trained (it answers /v1/chat/completions as "chat")."""
+    return {name: folder / name for name in SHIPPED_ADAPTERS if (folder / name).is_dir()}
+
+
+def adapters_task(adapters: dict[str, Path]) -> tuple[str | None, int | None]:
+    """(task, number of labels) the adapters need of the base: (CLASSIFY, n) when they are
+    classifiers (`lorakit train --task classify`: one head each, all with n outputs), (None,
+    None) when they say nothing of a classifier, and the base's architecture decides."""
+    from lorakit import hf
+
+    tasks = {name: hf.adapter_task(folder) for name, folder in adapters.items()}
+    classifiers = {name: t.num_labels for name, t in tasks.items() if t.task == hf.CLASSIFY}
+    if not classifiers:
+        return None, None
+    others = sorted(set(tasks) - set(classifiers))
+    if others:
+        raise UsageError(
+            f"--adapter: {', '.join(sorted(classifiers))} classify and {', '.join(others)} do not; "
+            "serve classifier adapters and generation adapters from separate servers"
+        )
+    counts = {n for n in classifiers.values() if n is not None}
+    if len(counts) > 1:
+        shown = ", ".join(f"{name}: {n}" for name, n in sorted(classifiers.items()))
+        raise UsageError(
+            f"--adapter: the classifiers have different numbers of labels ({shown}); one server serves "
+            "one head shape: start one server per label count"
+        )
+    return hf.CLASSIFY, counts.pop() if counts else None
+
+
 def _check(args: argparse.Namespace) -> None:
     problems = []
     if not 0 <= args.port <= 65535:
@@ -84,9 +125,11 @@ def build_app(args: argparse.Namespace):
 
     defaults.offline()
     adapters = parse_adapters(args.adapter)
-    model_path = hf.model_path(args.model, hf.CAUSAL_LM)  # default: the shipped SST-2 GPT
     if args.model is None and not args.adapter:
-        adapters = {n: p for n, p in defaults.default_causal_lm_adapters().items() if Path(p).is_dir()}
+        adapters = shipped_adapters(shipped_adapter_folder())
+    task, num_labels = adapters_task(adapters)
+    # default: the shipped SST-2 GPT, or the packaged MiniLM for classifier adapters
+    model_path = hf.model_path(args.model, task or hf.CAUSAL_LM)
     from lorakit.serve.auth import load_api_keys
 
     api_keys = load_api_keys(args.api_keys) if args.api_keys else None
@@ -98,7 +141,10 @@ def build_app(args: argparse.Namespace):
 
     config = hf.load_config(model_path)
     tokenizer = hf.load_tokenizer(model_path)
-    task = hf.CLASSIFY if hf.model_task(config) == hf.CLASSIFY else hf.CAUSAL_LM  # anything else: a causal LM
+    task = task or (hf.CLASSIFY if hf.model_task(config) == hf.CLASSIFY else hf.CAUSAL_LM)  # else: a causal LM
+    if num_labels is not None:  # the head gets the adapters' shape; each adapter's own weights fill it per row
+        config.num_labels = num_labels
+    torch.manual_seed(0)  # a head no adapter covers (the base's own answer) is the same every run
     model = hf.load_base(model_path, task, config, tokenizer)
     model = model.to(torch.device(args.device)).eval()
     slots = max(16, args.max_resident or 0, len(adapters))

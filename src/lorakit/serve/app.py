@@ -187,7 +187,7 @@ def _add_classify_route(app: FastAPI, service: ServeService) -> None:
         service.require_classifier()
         adapter = service.adapter_for(grant, body.model)
         probs = await service.classify(adapter, classify_texts(body))
-        return classify_answer(body.model, probs, service.label_names())
+        return classify_answer(body.model, probs, service.label_names(adapter, probs.shape[-1]))
 
 
 def _add_adapter_routes(app: FastAPI, service: ServeService) -> None:

@@ -6,8 +6,10 @@ and ranks zero-padded; the last slot stays all zero and serves rows on the base.
 hook adds, for the whole batch at once, `x[i] @ A[id_i].T @ Bt[id_i]` with one gather and two
 batched matmuls (`functional.add_lora_rows`): no Python loop over adapters and no
 merging, so a batch of 32 rows on 32 adapters costs what a batch on one adapter costs.
-Per-adapter heads (`modules_to_save`, e.g. BERT's classifier) are stacked and gathered the
-same way; rows on the base use the base head.
+Per-adapter heads (`modules_to_save`, e.g. BERT's classifier, or the linear layers of a saved
+pooler) are stacked and gathered the same way, as differences from the base head added to its
+output, so a row's LoRA on the same layer (another adapter's) still adds; rows on the base add
+nothing.
 
 Thread safety: loading writes a free slot completely, then publishes the name -> slot
 mapping under a lock; `use()` resolves names under that lock and holds a reference on its
@@ -33,6 +35,7 @@ from lorakit.core.layers import LoraLayer, is_linear
 from lorakit.core.layers.linear import linear_dims
 from lorakit.files.peft_format import AdapterError, read_adapter
 from lorakit.files.plan import LoadPlan, check_fingerprint, is_dora_file, plan_adapter
+from lorakit.hf import CLASSIFIER_HEADS
 
 
 class UnknownAdapterError(AdapterError):
@@ -69,16 +72,25 @@ class _Target:
 
 
 class _Head:
-    """A per-adapter copy of a linear head, stacked over slots; the last slot holds the base head."""
+    """Per-adapter copies of a linear head stacked over slots, each stored as its difference from
+    the base head (zero in the last slot, the base's, and for adapters that do not save it)."""
 
     def __init__(self, name: str, module: nn.Linear, slots: int) -> None:
         self.name, self.module = name, module
-        module.register_buffer(
-            "lorakit_multi_W", module.weight.detach().unsqueeze(0).repeat(slots + 1, 1, 1), persistent=False
-        )
+        module.register_buffer("lorakit_multi_W", torch.zeros_like(module.weight).repeat(slots + 1, 1, 1),
+                               persistent=False)  # fmt: skip
         bias = module.bias
-        stacked = None if bias is None else bias.detach().unsqueeze(0).repeat(slots + 1, 1)
+        stacked = None if bias is None else torch.zeros_like(bias).repeat(slots + 1, 1)
         module.register_buffer("lorakit_multi_b", stacked, persistent=False)
+
+    def write(self, slot: int, params: dict[str, torch.Tensor]) -> None:
+        """Slot `slot` holds the head `params` (the base head where they name no weight or bias)."""
+        module = self.module
+        weight = params.get("weight")
+        module.lorakit_multi_W[slot].copy_(weight - module.weight if weight is not None else 0)
+        if module.lorakit_multi_b is not None:
+            bias = params.get("bias")
+            module.lorakit_multi_b[slot].copy_(bias - module.bias if bias is not None else 0)
 
 
 class MultiLoraModel:
@@ -162,10 +174,10 @@ class MultiLoraModel:
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])
             weight = module.lorakit_multi_W.index_select(0, ids).transpose(1, 2)
             if module.lorakit_multi_b is None:
-                out = torch.bmm(x3, weight)
+                delta = torch.bmm(x3, weight)
             else:
-                out = torch.baddbmm(module.lorakit_multi_b.index_select(0, ids).unsqueeze(1), x3, weight)
-            return out.view(output.shape)
+                delta = torch.baddbmm(module.lorakit_multi_b.index_select(0, ids).unsqueeze(1), x3, weight)
+            return output + delta.view(output.shape)
 
         return hook
 
@@ -233,13 +245,39 @@ class MultiLoraModel:
         # DoRA rescales W + dW per output: not a gathered low-rank add (config flag or saved magnitudes)
         if is_dora_file(config, tensors):
             raise AdapterError(f"{path} is a DoRA adapter; mixed-adapter batches serve plain LoRA adapters only")
+        self._check_head_sizes(path, tensors)
         plan = plan_adapter(config, tensors, self.model, source=str(path), strict=False)
         error = plan.failure(f"{path} cannot be served here", self._serve_problems(plan))
         if error is not None:
             raise error
         check_fingerprint(plan.targets, metadata, str(path), force=force, remedy="serve the base it was trained on")
         layers = {n: (e.A, e.B, e.scaling) for n, e in plan.layers.items()}
-        return AdapterPlan(Path(path), layers=layers, heads=plan.saved)
+        return AdapterPlan(Path(path), layers=layers, heads=self._linear_heads(plan.saved))
+
+    def _linear_heads(self, saved: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """The saved modules as linear heads: a saved nn.Linear as itself, a saved block (BERT's
+        pooler) as each of its linear layers, named in the model ({param: tensor} each)."""
+        modules = dict(walk(self.model))
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for name, params in saved.items():
+            for inner, _ in _linears(modules[name]):
+                prefix = f"{inner}." if inner else ""
+                own = {p: params[prefix + p] for p in ("weight", "bias") if prefix + p in params}
+                heads[f"{name}.{inner}" if inner else name] = own
+        return heads
+
+    def _check_head_sizes(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+        """A classifier trained on another number of labels, said in labels (not tensor shapes):
+        one server's classifier head has one output size, every adapter's head must share it."""
+        for name, module in walk(self.model):
+            weight = tensors.get(f"{name}.weight")
+            if name.rpartition(".")[2] not in CLASSIFIER_HEADS or not isinstance(module, nn.Linear) or weight is None:
+                continue
+            if weight.dim() == 2 and weight.shape[0] != module.out_features:
+                raise AdapterError(
+                    f"{path} is a classifier of {weight.shape[0]} labels and this server's has "
+                    f"{module.out_features}: serve it from a server started with {weight.shape[0]}-label adapters"
+                )
 
     def _serve_problems(self, plan: LoadPlan) -> list[str]:
         """What a valid adapter may not do in mixed batches over this hooked base."""
@@ -253,17 +291,31 @@ class MultiLoraModel:
                 problems.append(
                     f"{name}: rank {entry.rank} exceeds max_rank={self.max_rank}; construct with a larger one"
                 )
-        modules = dict(walk(self.model))
-        for name in plan.saved:
-            if not isinstance(modules[name], nn.Linear):
-                problems.append(
-                    f"{name}: only nn.Linear heads can be swapped per row (got {type(modules[name]).__name__})"
-                )
+        problems += self._saved_problems(plan)
         problems += [
             f"unexpected key {key} (adapters that change base weights or biases outside "
             "modules_to_save cannot share a base in mixed batches)"
             for key in plan.extras
         ]
+        return problems
+
+    def _saved_problems(self, plan: LoadPlan) -> list[str]:
+        """Saved modules must be linear layers (or blocks of them) that the adapter does not also adapt."""
+        modules = dict(walk(self.model))
+        problems = []
+        for name, params in plan.saved.items():
+            linears = _linears(modules[name])
+            covered = {f"{inner}.{p}" if inner else p for inner, m in linears for p, _ in m.named_parameters()}
+            others = sorted(set(params) - covered)
+            if others:
+                problems.append(
+                    f"{name}: only linear layers can be swapped per row, and {others[0]} is not in one "
+                    f"({type(modules[name]).__name__})"
+                )
+            both = [f"{name}.{inner}" if inner else name for inner, _ in linears]
+            problems += [
+                f"{layer} is both adapted with LoRA and saved in full" for layer in both if layer in plan.layers
+            ]
         return problems
 
     def load(self, name: str, path: str | Path, *, force: bool = False) -> None:
@@ -366,11 +418,7 @@ class MultiLoraModel:
                     head = self.heads[head_name] = _Head(head_name, module, self.slots)
                     self._handles.append(module.register_forward_hook(self._head_hook(), with_kwargs=True))
             for head_name, head in self.heads.items():
-                params = plan.heads.get(head_name, {})
-                base = self.base_slot
-                head.module.lorakit_multi_W[slot].copy_(params.get("weight", head.module.lorakit_multi_W[base]))
-                if head.module.lorakit_multi_b is not None:
-                    head.module.lorakit_multi_b[slot].copy_(params.get("bias", head.module.lorakit_multi_b[base]))
+                head.write(slot, plan.heads.get(head_name, {}))
 
     def _slot_for(self, adapter: str | int | None) -> int:  # holds self._lock
         if adapter is None:
@@ -395,6 +443,11 @@ class MultiLoraModel:
         self._free.append(slot)
         for name, target in self.targets.items():  # narrow the matmuls to the ranks still resident
             target.rank = max((ranks.get(name, 0) for ranks in self._ranks.values()), default=0)
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name inside `module`, layer) of its nn.Linear layers; ("", module) when it is one."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
 class _Batch:

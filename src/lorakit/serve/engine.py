@@ -30,6 +30,7 @@ import torch
 from lorakit import hf
 from lorakit.serve.kv_batch import KVBatch, Row, zero_padding
 from lorakit.serve.request import Completion, GenerationRequest, RequestError, SamplingParams, pick_token
+from lorakit.train.chat import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,15 @@ class Engine:
             ids = [self.tokenizer.bos_token_id]
         return list(ids)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for chat messages: the tokenizer's chat template, else "role: content" lines."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def chat_prompt(self, messages: Sequence[dict[str, str]], template: str | None = None) -> str | list[int]:
+        """The prompt for chat messages: `template` (the adapter's own, the one it was trained
+        with), else the tokenizer's chat template, else "role: content" lines (text).
+
+        A template's text is tokenized as training tokenizes it (train/chat.py): without the
+        tokenizer's special tokens, which the template places itself (no second BOS)."""
+        if template or getattr(self.tokenizer, "chat_template", None):
+            text = render_prompt(self.tokenizer, messages, template)  # template None: the tokenizer's own
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join([*lines, "assistant:"])
 

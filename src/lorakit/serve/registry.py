@@ -13,15 +13,45 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.files.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from lorakit.hf import read_card
 from lorakit.serve.batched import AdapterPlan, MultiLoraModel, NoFreeSlotError, UnknownAdapterError
+from lorakit.train.chat import TEMPLATE_FILE, read_template
 
 log = logging.getLogger(__name__)
 MAX_NAME = 128  # adapter names travel in URLs and logs
+MAX_TEMPLATE = 1 << 20  # bytes of a chat template: real ones are a few KiB
+CARD_FILE = "README.md"  # the lorakit model card: the task and the label names
 # The files read_adapter opens (and the .bin it probes for a hint): each must resolve inside the root.
 LOADER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")
+# Everything register reads from a folder: the loader's files, the chat template, the card.
+READ_FILES = (*LOADER_FILES, TEMPLATE_FILE, CARD_FILE)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a server needs from an adapter folder beyond its weights, read once per registration
+    (a re-registration reads them again, so each version keeps its own)."""
+
+    template: str | None  # chat_template.jinja: how the adapter was trained to see chat messages
+    labels: list[str] | None  # a classifier's label names from its lorakit card (README.md)
+
+
+def read_info(folder: Path) -> AdapterInfo:
+    """The chat template and label names stored in an adapter folder (None for each one absent)."""
+    file = folder / TEMPLATE_FILE
+    if file.is_file() and file.stat().st_size > MAX_TEMPLATE:
+        raise AdapterError(f"{folder}: its {TEMPLATE_FILE} is over {MAX_TEMPLATE} bytes; a chat template is smaller")
+    try:
+        template = read_template(folder)
+    except UnicodeDecodeError:
+        raise AdapterError(f"{folder}: its {TEMPLATE_FILE} is not UTF-8 text") from None
+    labels = read_card(folder).get("labels")
+    named = isinstance(labels, list) and all(isinstance(n, str | int) for n in labels)
+    return AdapterInfo(template=template or None, labels=[str(n) for n in labels] if named else None)
 
 
 class AdapterRegistry:
@@ -42,6 +72,7 @@ class AdapterRegistry:
         self.root = None if root is None else Path(root).resolve()
         self._lock = threading.RLock()  # held across on-demand loads: one registry change at a time
         self._paths: dict[str, Path] = {}  # known name -> folder
+        self._info: dict[str, AdapterInfo] = {}  # known name -> its folder's template and labels
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._pins: Counter[str] = Counter()
         self._holds: dict[str, list[int]] = {}  # name -> MultiLoraModel.hold handles of its pins
@@ -54,7 +85,7 @@ class AdapterRegistry:
             return folder
         resolved = (folder if folder.is_absolute() else self.root / folder).resolve()
         self._inside_root(resolved, path)
-        for file in LOADER_FILES:  # a file symlink can leave the root even when the folder does not
+        for file in READ_FILES:  # a file symlink can leave the root even when the folder does not
             if (resolved / file).is_symlink() or (resolved / file).exists():
                 self._inside_root((resolved / file).resolve(), f"{path}/{file}")
         return resolved
@@ -91,6 +122,7 @@ class AdapterRegistry:
                     self._make_resident(name)
                 return
         plan = self._prepare(folder, trusted)  # reads files without the lock: pins go on meanwhile
+        info = read_info(folder)
         with self._lock:
             self._check_not_removing(name)
             if name in self._lru:  # replace: the new slot is published, held old slots stay until released
@@ -101,7 +133,7 @@ class AdapterRegistry:
                 self._evict_for_one()
                 self.multi.load_plan(name, plan)
                 self._lru[name] = None
-            self._paths[name] = folder
+            self._paths[name], self._info[name] = folder, info
             (self._trusted.add if trusted else self._trusted.discard)(name)
 
     def remove(self, name: str) -> None:
@@ -128,6 +160,12 @@ class AdapterRegistry:
         with self._lock:
             self._check_known(name)
             return self._paths[name]
+
+    def info(self, name: str) -> AdapterInfo:
+        """The chat template and label names of the version of `name` registered now."""
+        with self._lock:
+            self._check_known(name)
+            return self._info[name]
 
     def pin(self, name: str | None) -> int | None:
         """Hold adapter `name` resident for one request (None, the base, needs nothing).
@@ -215,6 +253,7 @@ class AdapterRegistry:
         self._removing.discard(name)
         self._trusted.discard(name)
         del self._paths[name]
+        self._info.pop(name, None)
         if name in self._lru:
             del self._lru[name]
             self.multi.unload(name)

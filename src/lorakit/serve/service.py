@@ -7,6 +7,7 @@ APIError with OpenAI's status, message and code.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from lorakit.serve.engine import Engine, RequestError
 from lorakit.serve.request import GenerationRequest
 from lorakit.serve.schemas import MAX_BODY, APIError, GenerationBody, parse_json, read_body, sampling_params, validate
 
+log = logging.getLogger(__name__)
 CLASSIFIER_ONLY = "this base model is a classifier: use POST /v1/classify"
 
 
@@ -127,12 +129,13 @@ class ServeService:
             raise APIError(400, CLASSIFIER_ONLY, code="unsupported")
         return self.engine
 
-    def chat_prompt(self, grant: Grant | None, body: Any) -> str:
+    def chat_prompt(self, grant: Grant | None, body: Any) -> str | list[int]:
         """The chat template applied to the messages, after the key check (the template runs client input)."""
         engine = self.require_engine()
-        self.adapter_for(grant, body.model)
+        adapter = self.adapter_for(grant, body.model)
         try:
-            return engine.chat_prompt([m.model_dump() for m in body.messages])
+            template = self.registry.info(adapter).template if adapter is not None else None
+            return engine.chat_prompt([m.model_dump() for m in body.messages], template)
         except Exception as err:  # a template may refuse roles or orders (jinja raises its own errors)
             raise APIError(400, f"the messages do not fit the chat template: {err}", param="messages") from None
 
@@ -201,7 +204,17 @@ class ServeService:
             if self.registry is not None:
                 self.registry.unpin(adapter)
 
-    def label_names(self) -> dict | None:
+    def label_names(self, adapter: str | None = None, count: int | None = None) -> dict | None:
+        """Output index -> label name under `adapter`: the names its card gives (when it gives
+        `count` of them: the adapter's own head), else the base config's id2label."""
+        labels = None
+        if adapter is not None and self.registry is not None:
+            try:
+                labels = self.registry.info(adapter).labels
+            except LorakitError:  # removed since its forward ran: the answer stands, named by the base
+                log.info("adapter %r left before its labels were read", adapter)
+        if labels and (count is None or len(labels) == count):
+            return dict(enumerate(labels))
         return getattr(self.multi.model.config, "id2label", None)
 
     # ------------------------------------------------------------------ adapters
