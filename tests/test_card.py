@@ -182,15 +182,22 @@ def one_error_line(proc, command):
 
 
 def test_a_relative_base_that_is_not_here_is_refused_not_replaced(runs):
-    """Today's trainer records the base as given (`bert`); from another folder that is not the
-    base, and every command says so instead of loading the packaged model."""
+    """A card of the earlier trainer records the base as given (`bert`); from another folder that
+    is not the base, and every command says so instead of loading the packaged model."""
     work, elsewhere = runs
     data = work / "dev.tsv"
+    for run, task, labels in (("cls", "classify", ["0", "1"]), ("lm", "causal-lm", None)):
+        old = work / f"{run}-old" / "adapter"
+        shutil.copytree(work / run / "adapter", old, dirs_exist_ok=True)
+        card = json.dumps({"task": task, "labels": labels})
+        base = "bert" if run == "cls" else "gpt"  # the earlier write_card: the base as given, relative
+        front = f'---\nlibrary_name: peft\ntags: [lora, lorakit]\nbase_model: "{base}"\nlorakit: {card}\n---\n'
+        (old / "README.md").write_text(front)
     cases = {
-        "eval": ["--adapter", work / "cls", "--data", data, "--text-column", "review"],
-        "predict": ["--adapter", work / "cls" / "adapter", "--text", "good"],
-        "merge": ["--adapter", work / "cls" / "adapter", "--out", elsewhere / "merged-old"],
-        "generate": ["--adapter", work / "lm" / "adapter", "--prompt", "say"],
+        "eval": ["--adapter", work / "cls-old" / "adapter", "--data", data, "--text-column", "review"],
+        "predict": ["--adapter", work / "cls-old" / "adapter", "--text", "good"],
+        "merge": ["--adapter", work / "cls-old" / "adapter", "--out", elsewhere / "merged-old"],
+        "generate": ["--adapter", work / "lm-old" / "adapter", "--prompt", "say"],
     }
     for command, argv in cases.items():
         line = one_error_line(lorakit_cli(elsewhere, command, *argv), command)

@@ -50,3 +50,10 @@ def default_causal_lm_adapters() -> dict[str, Path]:
     """The two shipped LoRA adapters (PEFT format) for `default_causal_lm_path()`: positive and negative SST-2 text."""
     root = _MODELS / "sst2-gpt-adapters"
     return {name: root / name for name in ("positive", "negative")}
+
+
+def default_chat_adapter() -> Path:
+    """The shipped chat adapter for `default_causal_lm_path()` (tools/train_chat_adapter.py):
+    asked for a positive or a negative review opening, it answers with one; `lorakit serve`
+    with no arguments serves it as model "chat"."""
+    return _MODELS / "sst2-gpt-adapters" / "chat"

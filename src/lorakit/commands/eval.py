@@ -63,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.cli import require
     from lorakit.commands._common import fill_from_card
     from lorakit.hf import model_path
+    from lorakit.train import chat
     from lorakit.train.data import CausalLMData, ClassificationData, read_table
     from lorakit.train.evaluate import evaluate
     from lorakit.train.model import load_model, load_tokenizer, max_tokens
+    from lorakit.train.prepare import chat_dataset, is_chat_file
 
     require(args, "adapter", "data")
     folder = adapter_folder(args.adapter)
@@ -73,15 +75,17 @@ def run(args: argparse.Namespace) -> int:
     fill_from_card(args, folder, COLUMN_DEFAULTS)
     path = model_path(args.model, task, folder)  # --model, else the adapter's recorded base, else the default
     tokenizer = load_tokenizer(path)
-    rows = read_table(args.data)
     limit = max_tokens(path, tokenizer, args.max_length)
     common = {"text_column": args.text_column, "max_length": limit, "path": args.data}
     if task == "classify":
+        rows = read_table(args.data)
         data = ClassificationData.from_rows(rows, tokenizer, label_column=args.label_column, labels=labels, **common)
+    elif is_chat_file(args.data) and not args.prompt_column:  # loss on the assistant turns, as trained
+        template = chat.read_template(folder) or chat.template_for(tokenizer)
+        data = chat_dataset(args.data, tokenizer, template, limit)
     else:
-        data = CausalLMData.from_rows(
-            rows, tokenizer, prompt_column=args.prompt_column, completion_column=args.completion_column, **common
-        )
+        columns = {"prompt_column": args.prompt_column, "completion_column": args.completion_column}
+        data = CausalLMData.from_rows(read_table(args.data), tokenizer, **columns, **common)
     model = load_model(path, task, labels)
     lorakit.load_adapter(model, folder)  # AdapterError for an adapter made for another base
     metrics = evaluate(model, tokenizer, data, batch_size=args.batch_size)

@@ -83,7 +83,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     heads = _head_names(model) if target == "all-linear" else set()
     found, unsupported = [], []
     for name, module in walk(model):
-        if not name or _suffix_match(name, keep) or any(name.startswith(k + ".") for k in keep):
+        if not name or _suffix_match(name, keep) or any(f".{k}." in f".{name}." for k in keep):
             continue
         if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else _suffix_match(name, exclude)):
             continue

@@ -45,7 +45,7 @@ from lorakit.files.plan import LoadPlan, check_fingerprint, internal_name, plan_
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+_ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md", "chat_template.jinja"}  # + the card and template
 
 
 # --- save --------------------------------------------------------------------------------------

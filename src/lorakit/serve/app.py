@@ -15,13 +15,11 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from lorakit.serve.auth import Grant
 from lorakit.serve.schemas import (
     MAX_BODY,
     MAX_PATH,
@@ -89,28 +87,14 @@ async def _answer_crash(err: Exception, state: dict, scope: dict, receive: Any, 
         pass
 
 
-def create_app(
-    multi: Any,
-    tokenizer: Any,
-    registry: Any,
-    *,
-    base_name: str,
-    api_keys: dict[str, Grant] | None = None,
-    adapter_root: str | Path | None = None,
-    max_batch: int = 32,
-    max_body: int = MAX_BODY,
-    mode: str = "continuous",
-    default_max_tokens: int = 16,
-) -> FastAPI:
+def create_app(multi: Any, tokenizer: Any, registry: Any, **options: Any) -> FastAPI:
     """The app serving `multi` (a MultiLoraModel) whose adapters live in `registry` (an AdapterRegistry).
 
-    A causal LM gets a continuous-batching Engine (started and stopped with the app); a sequence
-    classifier gets /v1/classify instead of the generation routes.
+    `options` are ServeService's (base_name, api_keys, adapter_root, max_batch, max_body, mode,
+    default_max_tokens). A causal LM gets a continuous-batching Engine (started and stopped with
+    the app); a sequence classifier gets /v1/classify instead of the generation routes.
     """
-    service = ServeService(
-        multi, tokenizer, registry, base_name=base_name, api_keys=api_keys, adapter_root=adapter_root,
-        max_batch=max_batch, max_body=max_body, mode=mode, default_max_tokens=default_max_tokens,
-    )  # fmt: skip
+    service = ServeService(multi, tokenizer, registry, **options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -29,7 +29,7 @@ from lorakit.files.atomic import recover_folder, replace_folder
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.batching import StepPlan, collate, pad_id_of, shard
-from lorakit.train.chat import TEMPLATE_FILE, write_template
+from lorakit.train.chat import write_template
 from lorakit.train.config import TrainConfig, lora_config_from_args
 from lorakit.train.evaluate import evaluate, forward_logits, loss_sum
 from lorakit.train.metrics import BEST_METRIC
@@ -185,18 +185,20 @@ class Trainer:
 
             replace_folder(self.out / "model", write)
             return
-        if self.chat_template is not None:
-            # files.peft_format replaces only folders of its own files; the template is re-written below.
-            (self.out / "adapter" / TEMPLATE_FILE).unlink(missing_ok=True)
         if self.lora.init.startswith("pissa"):  # a plain LoRA for the ORIGINAL base, not the residual
             from lorakit.variants.pissa_convert import save_pissa_as_lora
 
             folder = save_pissa_as_lora(self.model, self.out / "adapter")
         else:
             folder = lorakit.save_adapter(self.model, self.out / "adapter")
-        write_card(folder, self.config.task, self.labels, str(self.base))
         if self.chat_template is not None:  # a server formats prompts exactly as training did
             write_template(folder, self.chat_template)
+        c = self.config  # the card records the columns, so eval / predict need none of them again
+        columns = {"text_column": c.text_column, "prompt_column": c.prompt_column}
+        columns["completion_column"] = c.completion_column
+        if c.task == "classify":
+            columns["label_column"] = c.label_column
+        write_card(folder, c.task, self.labels, str(self.base), **columns)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self, step: int, opt: Optimization, stats: RunStats) -> None:

@@ -3,7 +3,6 @@ model card; loading itself is lorakit.hf's."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from lorakit import hf
 from lorakit.errors import UsageError
 
 # Loading, task and limits live in lorakit.hf; these names stay importable from here for the trainer.
-from lorakit.hf import CARD_KEY, head_names, load_tokenizer, model_path, read_card
+from lorakit.hf import head_names, load_tokenizer, model_path, read_card
 
 __all__ = ["head_names", "load_model", "load_tokenizer", "max_tokens", "model_path", "read_card"]
 
@@ -74,15 +73,8 @@ def load_model(path: Path, task: str, labels: list[str] | None = None, model_dro
     return hf.load_base(path, task if task == hf.CLASSIFY else hf.CAUSAL_LM, config)
 
 
-def write_card(adapter_dir: Path, task: str, labels: list[str] | None, base: str) -> None:
-    """README.md in the adapter folder (where PEFT writes its model card): front matter that
-    Hugging Face tools read, plus the task and label names `lorakit eval` needs."""
-    from lorakit.train.report import write_atomically
+def write_card(adapter_dir: Path, task: str, labels: list[str] | None, base: str, **recorded: str | None) -> None:
+    """README.md in the adapter folder: this run's adapter card (lorakit.files.card)."""
+    from lorakit.files.card import write_training_card
 
-    info = {"task": task, "labels": labels}
-    text = (
-        "---\nlibrary_name: peft\ntags: [lora, lorakit]\n"
-        f"base_model: {json.dumps(base)}\n{CARD_KEY} {json.dumps(info)}\n---\n\n"
-        f"# LoRA adapter ({task})\n\nTrained with `lorakit train`. Labels: {', '.join(labels or []) or 'n/a'}.\n"
-    )
-    write_atomically(adapter_dir / "README.md", text)
+    write_training_card(adapter_dir, task, labels, base, **recorded)

@@ -66,6 +66,23 @@ def is_chat_data(config: TrainConfig) -> bool:
     return config.text_column == "text" and "text" not in first and any(k in first for k in CHAT_KEYS)
 
 
+def is_chat_file(path: str | Path) -> bool:
+    """Whether a data file holds conversations (its first JSON record has messages / conversations)."""
+    first = _first_json_record(Path(path))
+    return first is not None and "text" not in first and any(k in first for k in CHAT_KEYS)
+
+
+def chat_dataset(
+    path: str | Path, tokenizer: Any, template: str, max_length: int, train_on_prompt: bool = False
+) -> CausalLMData:
+    """A conversations file tokenized with `template` (the adapter's, for evaluation)."""
+    from lorakit.train import chat
+
+    conversations = chat.read_conversations(path)
+    examples, truncated = chat.encode_conversations(tokenizer, conversations, template, max_length, train_on_prompt)
+    return CausalLMData(examples, truncated=truncated, chat_template=template)
+
+
 def _first_json_record(file: Path) -> dict[str, Any] | None:
     """The first record of a JSON-lines file, or None (another format, or not readable as JSON:
     read_table reports those problems)."""
