@@ -128,8 +128,10 @@ def build_app(args: argparse.Namespace):
     if args.model is None and not args.adapter:
         adapters = shipped_adapters(shipped_adapter_folder())
     task, num_labels = adapters_task(adapters)
-    # default: the shipped SST-2 GPT, or the packaged MiniLM for classifier adapters
-    model_path = hf.model_path(args.model, task or hf.CAUSAL_LM)
+    # picked as every command picks it: --model, else the first adapter's recorded base, else the
+    # shipped SST-2 GPT (the packaged MiniLM for classifier adapters)
+    first = next(iter(adapters.values()), None)
+    model_path = hf.model_path(args.model, task or hf.CAUSAL_LM, first)
     from lorakit.serve.auth import load_api_keys
 
     api_keys = load_api_keys(args.api_keys) if args.api_keys else None
