@@ -30,7 +30,7 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/lorakit demo
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 test: lint
 	$(PY) -m pytest -q
