@@ -2,7 +2,8 @@
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 `stream: true` as server-sent events), POST /v1/classify (classification bases), POST /v1/adapters,
-DELETE /v1/adapters/{name}. Every error is OpenAI's body `{"error": {message, type, param, code}}`
+DELETE /v1/adapters/{name}, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+(200 plain text, as vLLM answers). Every error is OpenAI's body `{"error": {message, type, param, code}}`
 with a 4xx status, and one bad request never stops the server. The steps a route is made of live
 in `lorakit.serve.service`, the wire format (bodies in, answers out) in `lorakit.serve.schemas`.
 """
@@ -18,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorakit.serve.schemas import (
     MAX_BODY,
@@ -28,6 +29,8 @@ from lorakit.serve.schemas import (
     ChatBody,
     ClassifyBody,
     CompletionBody,
+    LoadLoraBody,
+    UnloadLoraBody,
     chat_answer,
     chat_chunk,
     chat_meta,
@@ -112,6 +115,7 @@ def create_app(multi: Any, tokenizer: Any, registry: Any, **options: Any) -> Fas
     _add_generation_routes(app, service)
     _add_classify_route(app, service)
     _add_adapter_routes(app, service)
+    _add_vllm_adapter_routes(app, service)
     return app
 
 
@@ -137,7 +141,7 @@ def _add_model_routes(app: FastAPI, service: ServeService) -> None:
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
         grant = service.grant_of(request)
-        return model_list(service.visible_models(grant), service.base_name)
+        return model_list(service.visible_models(grant), service.base_name, service.model_roots())
 
 
 def _add_generation_routes(app: FastAPI, service: ServeService) -> None:
@@ -187,6 +191,23 @@ def _add_adapter_routes(app: FastAPI, service: ServeService) -> None:
         service.require_admin(request, "remove")
         await service.remove_adapter(name)
         return {"id": name, "object": "model", "deleted": True}
+
+
+def _add_vllm_adapter_routes(app: FastAPI, service: ServeService) -> None:
+    """vLLM's runtime adapter routes, beside /v1/adapters: the same admin key and --adapter-root
+    gate them (where vLLM asks for VLLM_ALLOW_RUNTIME_LORA_UPDATING), success is vLLM's plain text."""
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(request: Request) -> str:
+        service.require_admin(request, "load")
+        body = await service.parse(request, LoadLoraBody)
+        return await service.load_lora_adapter(body.lora_name, body.lora_path, body.load_inplace)
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: Request) -> str:
+        service.require_admin(request, "remove")
+        body = await service.parse(request, UnloadLoraBody)
+        return await service.unload_lora_adapter(body.lora_name)
 
 
 def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, threading.Thread, int]:

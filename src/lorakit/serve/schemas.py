@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -70,9 +70,27 @@ class ClassifyBody(BaseModel):
     input: str | list[str]
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+AdapterPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]+$")]
+
+
 class AdapterBody(BaseModel):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    path: str = Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]+$")
+    name: AdapterName
+    path: AdapterPath
+
+
+class LoadLoraBody(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (its lora_int_id and other extras are ignored)."""
+
+    lora_name: AdapterName
+    lora_path: AdapterPath
+    load_inplace: bool = False
+
+
+class UnloadLoraBody(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    lora_name: AdapterName
 
 
 # ---------------------------------------------------------------------------------- reading a body
@@ -163,11 +181,12 @@ def usage(done: list[Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def model_list(names: list[str], base_name: str) -> dict[str, Any]:
-    """GET /v1/models: the base first, then its adapters (parent: the base)."""
-    now = int(time.time())
+def model_list(names: list[str], base_name: str, roots: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET /v1/models: the base first, then its adapters (parent: the base), as vLLM's cards:
+    `root` is `roots[name]` (what ServeService.model_root shows), else the name itself."""
+    now, roots = int(time.time()), roots or {}
     data = [
-        {"id": name, "object": "model", "created": now, "owned_by": "lorakit",
+        {"id": name, "object": "model", "created": now, "owned_by": "lorakit", "root": roots.get(name, name),
          "parent": None if name == base_name else base_name}
         for name in names
     ]  # fmt: skip

@@ -7,8 +7,10 @@ APIError with OpenAI's status, message and code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,55 @@ class ServeService:
             await run_in_threadpool(self.registry.remove, name)
         except LorakitError as err:
             raise APIError(409, str(err), param="name") from None
+
+
+    # ------------------------------------------------------------------ vLLM's adapter API
+    async def load_lora_adapter(self, name: str, given_path: str, load_inplace: bool) -> str:
+        """vLLM's POST /v1/load_lora_adapter: load_adapter's checks, plus 400 for a known name
+        unless `load_inplace` (then the new folder replaces it, as POST /v1/adapters does)."""
+        if not load_inplace and name in self.registry.known():
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                           "adapter in place, set 'load_inplace' to True.", param="lora_name",
+                           code="adapter_exists")  # fmt: skip
+        with vllm_params():
+            await self.load_adapter(name, given_path)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_lora_adapter(self, name: str) -> str:
+        """vLLM's POST /v1/unload_lora_adapter: remove_adapter with vLLM's messages."""
+        if name not in self.registry.known():
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
+                           code="model_not_found")  # fmt: skip
+        with vllm_params():
+            await self.remove_adapter(name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def model_roots(self) -> dict[str, str]:
+        """Each adapter's `root` on GET /v1/models (vLLM shows its lora_path): the folder relative
+        to --adapter-root, as a client names it in lora_path; an adapter outside the root (the
+        operator's own, from --adapter) shows its name, so the server's own folders never leak."""
+        roots = {}
+        for name in self.registry.known():
+            try:
+                folder = self.registry.path_of(name)
+            except LorakitError:  # removed meanwhile: the listing shows its name
+                continue
+            if self.root is not None and folder.is_relative_to(self.root):
+                roots[name] = folder.relative_to(self.root).as_posix()
+        return roots
+
+
+VLLM_PARAMS = {"name": "lora_name", "path": "lora_path"}
+
+
+@contextlib.contextmanager
+def vllm_params() -> Iterator[None]:
+    """Errors of the shared load/remove steps name vLLM's fields (lora_name, lora_path)."""
+    try:
+        yield
+    except APIError as err:
+        err.param = VLLM_PARAMS.get(err.param, err.param)
+        raise
 
 
 def adapter_folder(root: Path, given: str) -> Path:
