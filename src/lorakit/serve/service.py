@@ -242,7 +242,6 @@ class ServeService:
         except LorakitError as err:
             raise APIError(409, str(err), param="name") from None
 
-
     # ------------------------------------------------------------------ vLLM's adapter API
     async def load_lora_adapter(self, name: str, given_path: str, load_inplace: bool) -> str:
         """vLLM's POST /v1/load_lora_adapter: load_adapter's checks, plus 400 for a known name
