@@ -6,13 +6,14 @@ outputs are checked against the adapter merged into the base by full recomputati
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import httpx
 import openai
 import pytest
 import tiny
-from test_engine import make_adapter, setup
+from test_engine import make_adapter, make_tokenizer, setup
 from test_server import merged_greedy_text
 
 from lorakit.serve import AdapterRegistry, MultiLoraModel
@@ -164,3 +165,48 @@ def test_without_an_adapter_root_loading_is_refused(tmp_path):
     with TestClient(app) as http:
         answer = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(s["adapters"]["a"])})
     assert answer.status_code == 403 and answer.json()["error"]["param"] == "lora_path"
+
+
+def parse_serve_flags(flags: list[str]):
+    from lorakit.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(flags)
+
+
+def test_vllm_flag_names_are_aliases_of_lorakits():
+    args = parse_serve_flags(["--max-loras", "3", "--max-lora-rank", "16", "--lora-modules", "x=d1", "y=d2"])
+    assert (args.max_resident, args.max_rank, args.lora_modules) == (3, 16, ["x=d1", "y=d2"])
+    assert parse_serve_flags(["--max-resident", "2", "--max-rank", "8"]).max_resident == 2
+
+
+def test_lora_modules_serve_like_adapter_in_both_forms(tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from lorakit.cli import main
+    from lorakit.commands import serve
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny.gpt2(0).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    first = make_adapter(tiny.gpt2, tmp_path / "adapters" / "a", r=4, seed=1)
+    second = make_adapter(tiny.gpt2, tmp_path / "adapters" / "b", r=2, seed=2)
+    module = json.dumps({"name": "b", "path": str(second), "base_model_name": "tiny-gpt2"})
+    args = parse_serve_flags(["--model", str(model_dir), "--lora-modules", f"a={first}", module,
+                              "--max-loras", "1", "--max-lora-rank", "4"])  # fmt: skip
+    app, base, names = serve.build_app(args)
+    assert (base, names) == ("tiny-gpt2", ["a", "b"])
+    assert app.state.service.registry.max_resident == 1 and app.state.service.multi.max_rank == 4
+    with TestClient(app) as http:
+        shown = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+        body = {"model": "b", "prompt": "a good movie", "max_tokens": 5, "temperature": 0}
+        text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert shown["b"]["parent"] == "tiny-gpt2" and shown["b"]["root"] == "b"  # no --adapter-root: names only
+    assert text == merged_greedy_text(second, make_tokenizer(), "a good movie", 5)
+    wrong = json.dumps({"name": "b", "path": str(second), "base_model_name": "other"})
+    assert main(["serve", "--model", str(model_dir), "--lora-modules", wrong]) == 2
+    assert "base_model_name must be" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--lora-modules", '{"name": "b"}', "{nope"]) == 2
+    err = capsys.readouterr().err
+    assert "needs string fields 'name' and 'path'" in err and "is not valid JSON" in err and "Traceback" not in err

@@ -7,16 +7,20 @@ batching; each row runs with its own adapter).
   lorakit serve                                   the shipped SST-2 GPT and its adapters (chat too)
   lorakit serve --model MINILM --adapter reviews=run/adapter       a classifier from `lorakit train`
   lorakit serve --model DIR --adapter pos=DIR1 --adapter neg=DIR2 --api-keys keys.json
+  lorakit serve --model DIR --lora-modules pos=DIR1 neg=DIR2 --max-loras 4 --max-lora-rank 16   vLLM's flags
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for
 server-sent events), POST /v1/classify (classification bases), POST /v1/adapters {name, path}
-(path under --adapter-root), DELETE /v1/adapters/NAME, GET /health. The keys file (JSON or TOML)
-maps each API key to the models it may use, "*" for all (and adapter loading).
+(path under --adapter-root), DELETE /v1/adapters/NAME, vLLM's POST /v1/load_lora_adapter
+{lora_name, lora_path, load_inplace} and POST /v1/unload_lora_adapter {lora_name} (gated as
+/v1/adapters is), GET /health. The keys file (JSON or TOML) maps each API key to the models it
+may use, "*" for all (and adapter loading).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from lorakit.errors import UsageError
@@ -32,14 +36,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve (repeatable)"
     )
     parser.add_argument(
+        "--lora-modules", action="extend", nargs="+", default=[], metavar="NAME=DIR|JSON",
+        help="vLLM's name for --adapter: NAME=DIR or JSON {\"name\", \"path\", \"base_model_name\"} (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--adapter-root", help="folder under which POST /v1/adapters may load adapters (--adapter ones: anywhere)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-keys", help="JSON or TOML file: API key -> list of models it may use ('*': all)")
-    parser.add_argument("--max-resident", type=int, help="adapters kept loaded at once (LRU eviction beyond)")
+    parser.add_argument(
+        "--max-resident", "--max-loras", dest="max_resident", type=int,
+        help="adapters kept loaded in slots at once, all usable in one batch (LRU eviction beyond); "
+        "--max-loras is vLLM's name",
+    )  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: 32)")
-    parser.add_argument("--max-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    parser.add_argument(
+        "--max-rank", "--max-lora-rank", dest="max_rank", type=int, default=64,
+        help="largest adapter rank accepted (default: 64); --max-lora-rank is vLLM's name",
+    )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request (default: 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -60,6 +75,39 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     if problems:
         raise UsageError("--adapter: " + "; ".join(problems))
     return adapters
+
+
+def lora_module_specs(specs: list[str]) -> tuple[list[str], dict[str, str]]:
+    """vLLM's --lora-modules entries -> (NAME=DIR specs for parse_adapters, {name: base_model_name}
+    where one is given). An entry is NAME=DIR or JSON {"name", "path", "base_model_name"}."""
+    pairs, bases, problems = [], {}, []
+    for spec in specs:
+        if not spec.lstrip().startswith("{"):
+            pairs.append(spec)
+            continue
+        try:
+            module = json.loads(spec)
+        except json.JSONDecodeError as err:
+            problems.append(f"{spec!r} is not valid JSON ({err.msg})")
+            continue
+        if not all(isinstance(module.get(key), str) for key in ("name", "path")):
+            problems.append(f"{spec!r} needs string fields 'name' and 'path'")
+            continue
+        pairs.append(f"{module['name']}={module['path']}")
+        if module.get("base_model_name") is not None:
+            bases[module["name"]] = str(module["base_model_name"])
+    if problems:
+        raise UsageError("--lora-modules: " + "; ".join(problems))
+    return pairs, bases
+
+
+def check_base_model_names(bases: dict[str, str], accepted: set[str]) -> None:
+    """One server serves one base: a --lora-modules base_model_name must name it."""
+    wrong = {name: base for name, base in bases.items() if base not in accepted}
+    if wrong:
+        shown = ", ".join(f"{name}: {base!r}" for name, base in sorted(wrong.items()))
+        raise UsageError(f"--lora-modules: base_model_name must be {' or '.join(map(repr, sorted(accepted)))} "
+                         f"(the base this server serves), not {shown}")  # fmt: skip
 
 
 def shipped_adapter_folder() -> Path:
@@ -124,8 +172,9 @@ def build_app(args: argparse.Namespace):
     from lorakit import defaults, hf
 
     defaults.offline()
-    adapters = parse_adapters(args.adapter)
-    if args.model is None and not args.adapter:
+    modules, module_bases = lora_module_specs(args.lora_modules)
+    adapters = parse_adapters(args.adapter + modules)
+    if args.model is None and not adapters:
         adapters = shipped_adapters(shipped_adapter_folder())
     task, num_labels = adapters_task(adapters)
     # picked as every command picks it: --model, else the first adapter's recorded base, else the
@@ -153,6 +202,7 @@ def build_app(args: argparse.Namespace):
     multi = MultiLoraModel(model, slots=slots, max_rank=args.max_rank)
     registry = AdapterRegistry(multi, max_resident=args.max_resident, root=args.adapter_root)
     base_name = args.base_name or Path(model_path).name
+    check_base_model_names(module_bases, {base_name, *([args.model] if args.model else [])})
     if base_name in adapters:
         raise UsageError(f"adapter name {base_name!r} is the base model's name: rename it or set --base-name")
     # The operator's own adapters (--adapter, or the shipped ones) are trusted: --adapter-root bounds
