@@ -85,5 +85,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"combined {len(adapters)} adapters ({args.method}, weights {shown}{head}) -> {out}")
     residual = combine_recipe(out).get("svd_residual")
     if residual:
-        print(f"SVD residual (relative Frobenius error per module): max {residual['max']:.3g}, mean {residual['mean']:.3g}")
+        print(
+            f"SVD residual (relative Frobenius error per module): max {residual['max']:.3g}"
+            f", mean {residual['mean']:.3g}"
+        )
     return 0

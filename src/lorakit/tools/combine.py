@@ -225,7 +225,9 @@ def _check_options(paths: list, method: str, weights: list[float] | None, option
     rank = options.rank
     dense = merge_methods.ALIASES.get(method, method) in merge_methods.METHODS
     if rank is not None and (not dense or not isinstance(rank, int) or rank <= 0):
-        raise UsageError(f"rank={rank!r}: a positive target rank, for method svd only (and the other SVD methods: not cat or linear)")
+        raise UsageError(
+            f"rank={rank!r}: a positive target rank, for method svd only (and the other SVD methods: not cat or linear)"
+        )
     if not 0 < options.density <= 1:
         raise UsageError(f"density={options.density!r}: the fraction of each update to keep, in (0, 1]")
     if options.majority_sign_method not in merge_methods.SIGN_METHODS:
