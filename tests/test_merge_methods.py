@@ -215,15 +215,26 @@ def test_svd_residual_is_recorded(trio, tmp_path):
 
 
 def test_rslora_against_the_dense_definition(tmp_path):
-    """rsLoRA inputs (scaling alpha / sqrt(r)): lorakit merges each input's own dW; checked
-    against PEFT's helper on the dense updates, not against add_weighted_adapter (PR#3449)."""
-    deltas = [make_adapter(tmp_path / n, r, 8, s, use_rslora=True) for n, r, s in (("a", 4, 1), ("b", 2, 2))]
-    weights = [0.6, 0.9]
-    combine([tmp_path / "a", tmp_path / "b"], tmp_path / "m", method="ties", weights=weights,
-            options=MergeOptions(rank=32, density=0.5))  # fmt: skip
-    for name, delta in lorakit_deltas(tmp_path / "m").items():
-        expected = merge_utils.ties([d[name] for d in deltas], torch.tensor(weights, dtype=torch.float64), 0.5)
+    """rsLoRA inputs (scaling alpha / sqrt(r)): lorakit merges each input's own dW and checks
+    against PEFT's helper on the dense updates. PEFT's add_weighted_adapter gives the merged
+    adapter use_rslora and lora_alpha = R, so its update is sqrt(R) times too big (peft PR#3449):
+    asserted here too, so that a PEFT fix shows up."""
+    rank = 16
+    deltas = [
+        make_adapter(tmp_path / n, r, 8, s, use_rslora=True) for n, r, s in (("a", 4, 1), ("b", 2, 2), ("c", 4, 3))
+    ]
+    paths = [tmp_path / n for n in "abc"]
+    combine(paths, tmp_path / "m", method="ties", weights=WEIGHTS, options=MergeOptions(rank=rank, density=0.5))
+    got = lorakit_deltas(tmp_path / "m")
+    full = combine_adapters(paths, "ties", WEIGHTS, options=MergeOptions(rank=64, density=0.5))
+    assert full[0]["use_rslora"] is False
+    combine(paths, tmp_path / "full", method="ties", weights=WEIGHTS, options=MergeOptions(rank=64, density=0.5))
+    for name, delta in lorakit_deltas(tmp_path / "full").items():  # rank 64 >= full rank: no truncation
+        expected = merge_utils.ties([d[name] for d in deltas], torch.tensor(WEIGHTS, dtype=torch.float64), 0.5)
         torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
+    peft = peft_deltas(paths, "ties", rank, 0.5, "total")
+    _, rel_err = relative_error(got, {k: v / rank**0.5 for k, v in peft.items()})
+    assert rel_err < 1e-4
 
 
 def test_cli_prints_the_residual(trio, tmp_path, capsys):
