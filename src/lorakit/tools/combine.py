@@ -6,6 +6,13 @@ With weights w_i and each adapter's scaling s_i (alpha_i / r_i), per adapted mod
   B @ A = sum_i w_i s_i B_i A_i exactly. Like PEFT's add_weighted_adapter "cat".
 - "svd": the best rank-R approximation (truncated SVD) of sum_i w_i s_i B_i A_i; R = --rank,
   default the largest input rank. Like PEFT's "svd" (PEFT's is in the adapters' dtype).
+- "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties" (and PEFT's names
+  ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd for the same): the method of
+  lorakit.tools.merge_methods (PEFT's merge_utils maths) applied to the dense updates
+  dW_i = s_i B_i A_i with weights w_i, then truncated to rank R by SVD like "svd". This is the
+  dense definition, which is also what PEFT's "<method>_svd" computes; PEFT's factor-space
+  "ties"/"dare_*" (no _svd) prune the factors instead and are not offered. The recipe in the
+  file's metadata records the SVD residual (relative Frobenius error per module, max and mean).
 - "linear": PEFT's add_weighted_adapter "linear", reproduced exactly: the factors are mixed,
   not the updates. With c_i = w_i s_i: A = sum_i sign(c_i) sqrt|c_i| A_i,
   B = sum_i sqrt|c_i| B_i, rank unchanged (all inputs must have the same rank). B @ A then holds
@@ -41,11 +48,12 @@ from lorakit.files.peft_format import (
     read_adapter,
     write_adapter_folder,
 )
+from lorakit.tools import merge_methods
 from lorakit.tools.extract import low_rank_factors
 from lorakit.variants.base import LORA
 from lorakit.variants.registry import file_variant
 
-METHODS = ("linear", "cat", "svd")
+METHODS = ("linear", "cat", *merge_methods.METHODS, *merge_methods.ALIASES)
 _FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 
 
@@ -160,30 +168,52 @@ def _head_index(paths: list[str | os.PathLike], head_from: str | os.PathLike | i
     raise UsageError(f"--head-from {head_from}: not one of the inputs ({', '.join(map(str, paths))}); give one of them")
 
 
-def _combine_module(
-    factors: list[tuple[torch.Tensor, torch.Tensor]], coeffs: list[float], method: str, rank: int | None, module: str
+@dataclass(frozen=True)
+class MergeOptions:
+    """The options of the dense-update methods: target rank, DARE/TIES density, TIES sign
+    election, DARE seed (the same seed gives the same file)."""
+
+    rank: int | None = None
+    density: float = 1.0
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+
+def _factor_mix(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], coeffs: list[float], method: str, module: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one module with scaling 1, from the inputs' factors and c_i = w_i * s_i."""
+    """(A, B) of methods "cat" and "linear", which mix the factors (c_i = w_i * s_i)."""
     As = [A.double() for A, _ in factors]
     Bs = [B.double() for _, B in factors]
     if method == "cat":
         return torch.cat([c * A for c, A in zip(coeffs, As, strict=True)]), torch.cat(Bs, dim=1)
-    if method == "linear":
-        ranks = sorted({A.shape[0] for A in As})
-        if len(ranks) > 1:
-            raise UsageError(
-                f"--method linear needs equal ranks, but {module} has ranks {ranks}: use --method cat or svd"
-            )
-        A = sum(((1.0 if c >= 0 else -1.0) * abs(c) ** 0.5) * A for c, A in zip(coeffs, As, strict=True))
-        B = sum(abs(c) ** 0.5 * B for c, B in zip(coeffs, Bs, strict=True))
-        return A, B
-    delta = sum(c * (B @ A) for c, A, B in zip(coeffs, As, Bs, strict=True))
-    target = rank or max(A.shape[0] for A in As)
-    B, A, _ = low_rank_factors(delta, target)
+    ranks = sorted({A.shape[0] for A in As})
+    if len(ranks) > 1:
+        raise UsageError(f"--method linear needs equal ranks, but {module} has ranks {ranks}: use --method cat or svd")
+    A = sum(((1.0 if c >= 0 else -1.0) * abs(c) ** 0.5) * A for c, A in zip(coeffs, As, strict=True))
+    B = sum(abs(c) ** 0.5 * B for c, B in zip(coeffs, Bs, strict=True))
     return A, B
 
 
-def _check_options(paths: list, method: str, weights: list[float] | None, rank: int | None) -> list[float]:
+def _dense_merge(
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    scalings: list[float],
+    weights: list[float],
+    method: str,
+    options: MergeOptions,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, SVD residual) of one module: the merged dense update truncated to rank R."""
+    updates = [s * (B.double() @ A.double()) for s, (A, B) in zip(scalings, factors, strict=True)]
+    merged = merge_methods.merge_updates(
+        updates, weights, method, options.density, options.majority_sign_method, generator
+    )
+    target = options.rank or max(A.shape[0] for A, _ in factors)
+    B, A, _ = low_rank_factors(merged, target)
+    return A, B, merge_methods.relative_residual(merged, B @ A)
+
+
+def _check_options(paths: list, method: str, weights: list[float] | None, options: MergeOptions) -> list[float]:
     """The weights to use (1/n each by default); one UsageError for an option that does not fit."""
     if method not in METHODS:
         raise UsageError(f"method {method!r} is not known: use one of {', '.join(METHODS)}")
@@ -192,8 +222,18 @@ def _check_options(paths: list, method: str, weights: list[float] | None, rank: 
     weights = [1.0 / len(paths)] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths):
         raise UsageError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
-    if rank is not None and (method != "svd" or not isinstance(rank, int) or rank <= 0):
-        raise UsageError(f"rank={rank!r}: a positive target rank, for method svd only")
+    rank = options.rank
+    dense = merge_methods.ALIASES.get(method, method) in merge_methods.METHODS
+    if rank is not None and (not dense or not isinstance(rank, int) or rank <= 0):
+        raise UsageError(
+            f"rank={rank!r}: a positive target rank, for method svd only (and the other SVD methods: not cat or linear)"
+        )
+    if not 0 < options.density <= 1:
+        raise UsageError(f"density={options.density!r}: the fraction of each update to keep, in (0, 1]")
+    if options.majority_sign_method not in merge_methods.SIGN_METHODS:
+        raise UsageError(
+            f"majority_sign_method={options.majority_sign_method!r}: use one of {', '.join(merge_methods.SIGN_METHODS)}"
+        )
     return weights
 
 
@@ -215,21 +255,62 @@ def _head_source(adapters: list[_Adapter], head_from: str | os.PathLike | int | 
     return None
 
 
+def _merge_modules(
+    adapters: list[_Adapter], weights: list[float], method: str, options: MergeOptions
+) -> tuple[dict[str, torch.Tensor], dict[str, int], list[float]]:
+    """The combined factors of every module (PEFT keys without the prefix), their ranks, and the
+    SVD residual per module (empty for cat and linear)."""
+    dense_method = merge_methods.ALIASES.get(method, method)
+    generator = torch.Generator().manual_seed(options.seed)  # DARE: one stream, modules in file order
+    tensors, ranks, residuals = {}, {}, []
+    for module, (A0, _, (a_suffix, b_suffix)) in adapters[0].factors.items():
+        pairs = [a.factors[module][:2] for a in adapters]
+        scalings = [a.scaling[module] for a in adapters]
+        if dense_method in merge_methods.METHODS:
+            A, B, residual = _dense_merge(pairs, scalings, weights, dense_method, options, generator)
+            residuals.append(residual)
+        else:
+            A, B = _factor_mix(pairs, [w * s for w, s in zip(weights, scalings, strict=True)], method, module)
+        tensors[module + a_suffix] = A.to(A0.dtype).contiguous()
+        tensors[module + b_suffix] = B.to(A0.dtype).contiguous()
+        ranks[module] = A.shape[0]
+    return tensors, ranks, residuals
+
+
+def _recipe(method: str, weights: list[float], options: MergeOptions, residuals: list[float]) -> dict:
+    """What the metadata records about how the file was made (and how well SVD kept it)."""
+    recipe: dict = {"method": method, "weights": weights}
+    dense_method = merge_methods.ALIASES.get(method, method)
+    if dense_method in merge_methods.DENSITY_METHODS:
+        recipe["density"] = options.density
+    if dense_method in ("ties", "dare_ties"):
+        recipe["majority_sign_method"] = options.majority_sign_method
+    if dense_method.startswith("dare"):
+        recipe["seed"] = options.seed
+    if residuals:
+        recipe["svd_residual"] = {"max": max(residuals), "mean": sum(residuals) / len(residuals)}
+    return recipe
+
+
 def combine_adapters(
     paths: list[str | os.PathLike],
     method: str = "cat",
     weights: list[float] | None = None,
     rank: int | None = None,
     head_from: str | os.PathLike | int | None = None,
+    options: MergeOptions | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """Combine the adapter folders `paths`; return (adapter_config dict, tensors with PEFT keys, metadata).
 
-    `weights` defaults to 1/n each (an even mix). `rank` is the target rank of method "svd".
+    `weights` defaults to 1/n each (an even mix). `rank` is the target rank of the SVD methods
+    (also settable in `options`, with density, majority_sign_method and the DARE seed).
     `head_from` (an input's path, folder name or index) is the input whose heads
     (modules_to_save) the result keeps; needed when the inputs' heads differ.
-    Nothing is written; `combine` writes the folder.
+    Nothing is written; `combine` writes the folder. The metadata's "lorakit_combine" recipe
+    holds the SVD residual (relative Frobenius error per module: max, mean) of the SVD methods.
     """
-    weights = _check_options(paths, method, weights, rank)
+    options = replace(options or MergeOptions(), **({"rank": rank} if rank is not None else {}))
+    weights = _check_options(paths, method, weights, options)
     adapters = [_read(p) for p in paths]
     _check_compatible(adapters)
     source = _head_source(adapters, head_from)
@@ -238,15 +319,8 @@ def combine_adapters(
     if source is not None:
         chosen = adapters[source]
         full.update({k: chosen.full[k] for k in chosen.head_keys()})
-    out_tensors: dict[str, torch.Tensor] = {PREFIX + k: v for k, v in full.items()}
-    ranks: dict[str, int] = {}
-    for module, (A0, _, (a_suffix, b_suffix)) in first.factors.items():
-        coeffs = [w * a.scaling[module] for w, a in zip(weights, adapters, strict=True)]
-        pairs = [a.factors[module][:2] for a in adapters]
-        A, B = _combine_module(pairs, coeffs, method, rank, module)
-        out_tensors[PREFIX + module + a_suffix] = A.to(A0.dtype).contiguous()
-        out_tensors[PREFIX + module + b_suffix] = B.to(A0.dtype).contiguous()
-        ranks[module] = A.shape[0]
+    factors, ranks, residuals = _merge_modules(adapters, weights, method, options)
+    out_tensors: dict[str, torch.Tensor] = {PREFIX + k: v for k, v in {**full, **factors}.items()}
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {re.escape(m): r for m, r in ranks.items() if r != common}
     config = dict(first.raw)
@@ -258,11 +332,9 @@ def combine_adapters(
         alpha_pattern=dict(pattern),
         inference_mode=True,
     )
-    recipe = {
-        "method": method,
-        "weights": weights,
-        **({"head_from": adapters[source].path} if source is not None else {}),
-    }
+    recipe = _recipe(method, weights, options, residuals)
+    if source is not None:
+        recipe["head_from"] = adapters[source].path
     metadata = {"format": "pt", "lorakit_combine": json.dumps(recipe)}
     if first.fingerprint:
         metadata[FINGERPRINT_KEY] = first.fingerprint
@@ -276,11 +348,12 @@ def combine(
     weights: list[float] | None = None,
     rank: int | None = None,
     head_from: str | os.PathLike | int | None = None,
+    options: MergeOptions | None = None,
 ) -> Path:
     """Combine adapter folders `paths` into the adapter folder `out` (written atomically). The
     result's card (README.md) is that of the input whose head it keeps (the first when all are
     equal): the head's label names and columns, the inputs' base."""
-    config, tensors, metadata = combine_adapters(paths, method, weights, rank, head_from)
+    config, tensors, metadata = combine_adapters(paths, method, weights, rank, head_from, options)
     sources = {Path(p).resolve() for p in paths}
     if Path(out).resolve() in sources:
         raise UsageError(f"--out {out} is one of the inputs: write the combined adapter to a new folder")
@@ -290,3 +363,9 @@ def combine(
     if card is not None:
         write_card(folder, replace(card, base_fingerprint=None, lorakit_version=None))
     return folder
+
+
+def combine_recipe(folder: str | os.PathLike) -> dict:
+    """The recipe a combined adapter folder records (method, weights, options, svd_residual)."""
+    _, _, metadata = read_adapter(folder)
+    return json.loads(metadata.get("lorakit_combine", "{}"))
