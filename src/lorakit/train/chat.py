@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError, LorakitError, UsageError
-from lorakit.train.data import IGNORE_INDEX, Example
+from lorakit.train.data import IGNORE_INDEX, Example, json_objects, read_text
 
 TEMPLATE_FILE = "chat_template.jinja"  # what transformers' save_pretrained writes for a tokenizer
 
@@ -86,25 +86,8 @@ def read_conversations(path: str | Path) -> list[Conversation]:
 
 
 def _json_records(file: Path):
-    """(line number, JSON object) for every non-blank line."""
-    if not file.is_file():
-        raise DataError(f"{file} does not exist: check the path")
-    try:
-        text = file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file} is not UTF-8 text (bad byte at offset {err.start}): re-save it as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{file}:{number}: not valid JSON ({err.msg}); chat data is one JSON object per line"
-            ) from None
-        if not isinstance(item, dict):
-            raise DataError(f"{file}:{number}: expected a JSON object, got {type(item).__name__}")
-        yield number, item
+    """(line number, JSON object) for every non-blank line (train.data's JSON-lines reader)."""
+    return json_objects(read_text(file), file, where="{file}:{line}")  # file:line, as the records' own errors
 
 
 def _format_of(record: dict[str, Any], where: str):

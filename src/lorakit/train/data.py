@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,7 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
     kind = SUFFIXES.get(file.suffix.lower())
     if kind is None:
         raise DataError(f"{file}: unknown data format {file.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    if not file.is_file():
-        raise DataError(f"{file} does not exist: check the path")
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file} is not UTF-8 text (bad byte at offset {err.start}): re-save it as UTF-8") from None
+    text = read_text(file)
     if not text.strip():
         raise DataError(f"{file} is empty: it needs a header (CSV/TSV) or JSON lines with data")
     rows = _read_jsonl(text, file) if kind == "jsonl" else _read_delimited(text, file, "," if kind == "csv" else "\t")
@@ -44,19 +38,34 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def _read_jsonl(text: str, file: Path) -> list[dict[str, str]]:
-    rows = []
+def read_text(file: Path) -> str:
+    """A data file's text; DataError when it is missing or not UTF-8."""
+    if not file.is_file():
+        raise DataError(f"{file} does not exist: check the path")
+    try:
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file} is not UTF-8 text (bad byte at offset {err.start}): re-save it as UTF-8") from None
+
+
+def json_objects(text: str, file: Path, where: str = "{file}, line {line}") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) for every non-blank line of a JSON-lines text; DataError
+    naming the line (`where`: how the message spells the place) for one that is not an object."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        place = where.format(file=file, line=number)
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{file}, line {number}: not valid JSON ({err.msg}); one JSON object per line") from None
+            raise DataError(f"{place}: not valid JSON ({err.msg}); one JSON object per line") from None
         if not isinstance(item, dict):
-            raise DataError(f"{file}, line {number}: expected a JSON object, got {type(item).__name__}")
-        rows.append({str(k): _as_text(v) for k, v in item.items()})
-    return rows
+            raise DataError(f"{place}: expected a JSON object, got {type(item).__name__}")
+        yield number, item
+
+
+def _read_jsonl(text: str, file: Path) -> list[dict[str, str]]:
+    return [{str(k): _as_text(v) for k, v in item.items()} for _, item in json_objects(text, file)]
 
 
 def _as_text(value: Any) -> str:
