@@ -19,10 +19,13 @@ from lorakit.tools.combine import combine, combine_adapters
 IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
-def make_adapter(path, r: int, alpha: float, seed: int, base_seed: int = 0, targets=("q_proj", "v_proj", "up_proj")):
+def make_adapter(
+    path, r: int, alpha: float, seed: int, base_seed: int = 0, targets=("q_proj", "v_proj", "up_proj"), **extra
+):
     """Save an adapter with random (non-zero) A and B on the tiny Llama; return its dense updates."""
+    base = tiny.llama(base_seed)  # seeds torch itself: the adapter's own seed comes after
     torch.manual_seed(seed)
-    model = lorakit.inject(tiny.llama(base_seed), lorakit.LoraConfig(r=r, alpha=alpha, target_modules=list(targets)))
+    model = lorakit.inject(base, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=list(targets), **extra))
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B["default"].normal_(std=0.2)

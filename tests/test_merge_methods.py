@@ -16,6 +16,7 @@ from peft.tuners.lora import model as peft_lora_model
 from peft.utils import merge_utils
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_combine import make_adapter
 
 import lorakit
 from lorakit.cli import main
@@ -26,18 +27,6 @@ from lorakit.tools.combine import METHODS, MergeOptions, combine, combine_adapte
 
 WEIGHTS = [0.7, -0.4, 1.2]
 DENSE = ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
-
-
-def make_adapter(path, r, alpha, seed, targets=("q_proj", "v_proj", "up_proj"), **extra):
-    """An adapter with random (non-zero) A and B on the tiny Llama; return its dense updates."""
-    base = tiny.llama(0)  # seeds torch with 0 itself: the adapter's own seed comes after
-    torch.manual_seed(seed)
-    model = lorakit.inject(base, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=list(targets), **extra))
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B["default"].normal_(std=0.2)
-    lorakit.save_adapter(model, path)
-    return {n: layer.delta_weight("default").detach().double() for n, layer in lora_layers(model)}
 
 
 @pytest.fixture(scope="module")
