@@ -93,6 +93,7 @@ def test_a_duplicate_name_is_400_unless_load_inplace(server):
     assert again.status_code == 400
     error = error_of(again)
     assert error["param"] == "lora_name" and "load_inplace" in error["message"]
+    assert (error["type"], error["code"]) == ("InvalidUserInput", 400)  # vLLM's serving_models.py
     ask = {"model": "dup", "prompt": "a bad film", "max_tokens": 6, "temperature": 0}
     first = post(server, "/v1/completions", ask).json()["choices"][0]["text"]
     assert first == merged_greedy_text(server["root"] / "gpt2" / "c", server["tokenizer"], "a bad film", 6)
@@ -106,6 +107,7 @@ def test_a_duplicate_name_is_400_unless_load_inplace(server):
 def test_a_missing_path_is_404_and_outside_the_root_is_403(server):
     missing = post(server, "/v1/load_lora_adapter", {"lora_name": "m", "lora_path": "gpt2/none"})
     assert missing.status_code == 404 and error_of(missing)["param"] == "lora_path"
+    assert (error_of(missing)["type"], error_of(missing)["code"]) == ("NotFoundError", 404)
     outside = post(server, "/v1/load_lora_adapter", {"lora_name": "m", "lora_path": "../operator/op"})
     assert outside.status_code == 403 and error_of(outside)["code"] == "path_not_allowed"
     assert "m" not in cards(server)
@@ -124,6 +126,7 @@ def test_unloading_an_unknown_name_is_404(server):
     answer = post(server, "/v1/unload_lora_adapter", {"lora_name": "never"})
     assert answer.status_code == 404
     assert error_of(answer)["message"] == "The lora adapter 'never' cannot be found."
+    assert (error_of(answer)["type"], error_of(answer)["code"]) == ("NotFoundError", 404)
 
 
 def test_the_new_routes_need_an_admin_key_and_a_valid_body(server):

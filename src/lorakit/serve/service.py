@@ -246,20 +246,18 @@ class ServeService:
     async def load_lora_adapter(self, name: str, given_path: str, load_inplace: bool) -> str:
         """vLLM's POST /v1/load_lora_adapter: load_adapter's checks, plus 400 for a known name
         unless `load_inplace` (then the new folder replaces it, as POST /v1/adapters does)."""
-        if not load_inplace and name in self.registry.known():
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                           "adapter in place, set 'load_inplace' to True.", param="lora_name",
-                           code="adapter_exists")  # fmt: skip
         with vllm_params():
+            if not load_inplace and name in self.registry.known():
+                raise APIError(400, f"The lora adapter '{name}' has already been loaded. If you want to load "
+                               "the adapter in place, set 'load_inplace' to True.", param="lora_name")  # fmt: skip
             await self.load_adapter(name, given_path)
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload_lora_adapter(self, name: str) -> str:
         """vLLM's POST /v1/unload_lora_adapter: remove_adapter with vLLM's messages."""
-        if name not in self.registry.known():
-            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
-                           code="model_not_found")  # fmt: skip
         with vllm_params():
+            if name not in self.registry.known():
+                raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
             await self.remove_adapter(name)
         return f"Success: LoRA adapter '{name}' removed successfully."
 
@@ -281,13 +279,21 @@ class ServeService:
 VLLM_PARAMS = {"name": "lora_name", "path": "lora_path"}
 
 
+# vLLM's serving_models.py answers its adapter routes with these error types and the HTTP status as the code.
+VLLM_ERROR_TYPES = {400: "InvalidUserInput", 404: "NotFoundError"}
+
+
 @contextlib.contextmanager
 def vllm_params() -> Iterator[None]:
-    """Errors of the shared load/remove steps name vLLM's fields (lora_name, lora_path)."""
+    """Errors of vLLM's adapter routes in vLLM's terms: its field names (lora_name, lora_path), its error
+    types (InvalidUserInput, NotFoundError, else BadRequestError) and the status as the code, as vLLM sends."""
     try:
         yield
     except APIError as err:
         err.param = VLLM_PARAMS.get(err.param, err.param)
+        if err.status not in (401, 403):  # lorakit's own gates keep their types (vLLM has no such gate)
+            err.type = VLLM_ERROR_TYPES.get(err.status, "BadRequestError")
+            err.code = err.status
         raise
 
 
