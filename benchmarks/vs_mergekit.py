@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.core.inject import lora_layers  # noqa: E402
@@ -61,10 +62,11 @@ def mergekit_python(given: str | None = None) -> str:
 
 
 def mergekit_available(python: str) -> bool:
-    """Whether `python` exists and imports mergekit."""
+    """Whether `python` exists and has mergekit installed (a quick look, not an import)."""
     if not Path(python).is_file():
         return False
-    probe = subprocess.run([python, "-c", "import mergekit.merge"], capture_output=True, check=False)
+    look = "import importlib.util, sys; sys.exit(importlib.util.find_spec('mergekit') is None)"
+    probe = subprocess.run([python, "-c", look], capture_output=True, check=False)
     return probe.returncode == 0
 
 
@@ -135,9 +137,7 @@ CASES = (
         equal=False,
         note="mergekit defaults: weighted sign vote, divides by sum of agreeing weights",
     ),
-    Case(
-        "ties, signed weights", "ties", "ties", SIGNED, 0.3, equal=False, note="as above, one weight negative"
-    ),
+    Case("ties, signed weights", "ties", "ties", SIGNED, 0.3, equal=False, note="as above, one weight negative"),
     Case("dare_linear, density 1", "dare_linear", "dare_linear", SIGNED, 1.0, note="no pruning: task arithmetic"),
     Case(
         "dare_linear",
@@ -323,9 +323,11 @@ def lorakit_updates(case: Case, fixture: Fixture, masks: dict | None) -> dict[st
         if masks is None:
             merged[name] = merge_methods.merge_updates(updates, weights, case.lorakit_method, case.density)
             continue
-        replay = iter(masks[(name, i)] for i in range(len(updates)))
-        with mock.patch.object(torch, "bernoulli", side_effect=lambda odds, generator=None: next(replay)):
+        replay = [masks[(name, i)] for i in range(len(updates))]  # one draw per adapter, in order
+        with mock.patch.object(torch, "bernoulli", side_effect=replay) as drawn:
             merged[name] = merge_methods.merge_updates(updates, weights, case.lorakit_method, case.density)
+        if drawn.call_count != len(updates):
+            raise RuntimeError(f"{name}: lorakit drew {drawn.call_count} DARE masks, not one per adapter")
     return merged
 
 
@@ -401,9 +403,7 @@ def differences(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
 def compare(case: Case, fixture: Fixture, folder: Path, mask_file: Path | None, with_combine: bool) -> dict:
     """One case's figures: mergekit against lorakit's dense path (and its combine file)."""
     merged = merged_weights(folder)
-    untouched = max(
-        float((merged[k] - v).abs().max()) for k, v in fixture.base.items() if k not in fixture.updates[0]
-    )
+    untouched = max(float((merged[k] - v).abs().max()) for k, v in fixture.base.items() if k not in fixture.updates[0])
     mergekit_dW = {k: merged[k] - fixture.base[k] for k in fixture.updates[0]}
     masks = recorded_masks(mask_file, fixture) if mask_file else None
     row = {"case": case.name, "mergekit": case.mergekit_method, "lorakit": case.lorakit_method}
@@ -432,18 +432,23 @@ def run_cases(cases: list[Case], root: Path, python: str, with_combine: bool = T
     return rows
 
 
+def _pair(figures: dict | None) -> str:
+    return f"{figures['max_abs']:.1e} / {figures['max_rel']:.1e}" if figures else "-"
+
+
 def table(rows: list[dict]) -> str:
+    """The markdown table of BENCHMARKS.md: mergekit against lorakit's dense merge, lorakit
+    combine's file, and mergekit's rule written out (max abs / max relative per layer)."""
     lines = [
-        "| case | mergekit settings | dense: max abs / max rel | combine file (full rank) | meant equal |",
-        "| --- | --- | --- | --- | --- |",
+        "| case | weights, density | mergekit settings | lorakit dense | lorakit combine file | mergekit's rule |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         settings = ", ".join(f"{k} {v}" for k, v in r["parameters"].items()) or "defaults"
-        dense = f"{r['dense']['max_abs']:.1e} / {r['dense']['max_rel']:.1e}"
-        combined = f"{r['combine']['max_abs']:.1e} / {r['combine']['max_rel']:.1e}" if "combine" in r else "-"
+        name = r["case"] if r["meant_equal"] else f"{r['case']} (differs)"
         lines.append(
-            f"| {r['case']} (w {r['weights']}, d {r['density']}) | {r['mergekit']}: {settings} | {dense} | "
-            f"{combined} | {'yes' if r['meant_equal'] else 'no'} |"
+            f"| {name} | {'/'.join(map(str, r['weights']))}, {r['density']} | {r['mergekit']}: {settings} | "
+            f"{_pair(r['dense'])} | {_pair(r.get('combine'))} | {_pair(r['rule'])} |"
         )
     return "\n".join(lines)
 
@@ -454,6 +459,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "vs_mergekit.json")
     args = parser.parse_args()
     python = mergekit_python(args.mergekit_python)
+    hf_logging.disable_progress_bar()
     if not mergekit_available(python):
         sys.exit(f"error: {python} cannot import mergekit: give its venv's python with --mergekit-python")
     versions = subprocess.run(
