@@ -15,6 +15,11 @@ Methods (per adapted module, c_i = weight_i * alpha_i / r_i):
           each input's own scaling (rsLoRA alpha/sqrt(r) included; cf. peft PR#3449) and never
           PEFT's factor-space shortcut (cross terms, peft#3004). The SVD residual (relative
           Frobenius error per module, max and mean) is printed and kept in the file's metadata.
+          mergekit (0.1.5) on full fine-tuned models computes the same task_arithmetic, breadcrumbs
+          with gamma 0 (= magnitude_prune), dare_linear with rescale false and lambda 1/density; its
+          ties/dare_ties weigh the sign vote and divide by the agreeing weights (not their count), so
+          they agree only for equal weights w (mergekit normalize true, lambda w; dare_ties also
+          rescale false, lambda w/density). Figures and source lines: BENCHMARKS.md "vs mergekit".
   linear  PEFT's add_weighted_adapter "linear": A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i
           (equal ranks; B A includes cross terms between adapters, so it is not the exact sum)
 Weights default to an even mix (1/n each). The adapters must be for the same base and modules.
